@@ -1,0 +1,288 @@
+//! [`ResponseFuture`]: wait for a token if needed, send, judge the response, retry once.
+
+use std::{
+    fmt,
+    future::Future,
+    pin::{pin, Pin},
+    sync::Arc,
+    task::{ready, Context, Poll},
+    time::Duration,
+};
+
+use http::{Request, Response};
+use http_body::Body;
+use http_body_util::BodyExt;
+use pin_project_lite::pin_project;
+use tower::Service;
+
+use crate::{
+    layer::Common,
+    service::Retried,
+    state::{Cause, Counters, Installed},
+    BoxError, Error,
+};
+
+/// How much of a rejected response's body is read before the retry, so that the connection
+/// can be reused; a longer body is dropped instead.
+const DRAIN_LIMIT: usize = 64 * 1024;
+
+/// How long reading a rejected response's body may take before it is dropped.
+const DRAIN_TIME: Duration = Duration::from_secs(1);
+
+type TokenFuture = Pin<Box<dyn Future<Output = Result<Arc<Installed>, Error>> + Send>>;
+
+pin_project! {
+    /// The response future of [`Refresh`](crate::Refresh).
+    pub struct ResponseFuture<S, B>
+    where
+        S: Service<Request<B>>,
+    {
+        #[pin]
+        state: State<S::Future>,
+        common: Option<Arc<Common>>,
+        // The generation of the token the current attempt was sent with.
+        generation: u64,
+        // The request and the service to send it on, while they wait for a token or for the
+        // service to become ready.
+        pending: Option<(Request<B>, S)>,
+        // The copy of the request and the service for the retry.
+        retry: Option<(Request<B>, S)>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F> {
+        // The request waits for a first or unexpired token.
+        Waiting { token: TokenFuture },
+        // The first attempt is in flight.
+        First { #[pin] future: F },
+        // The token was rejected: the rejected body is drained while a new token comes.
+        Renewing { token: TokenFuture },
+        // The retry waits for its service to become ready.
+        RetryReady,
+        // The retry is in flight.
+        Retry { #[pin] future: F },
+        // A request the layer leaves alone.
+        Passthrough { #[pin] future: F },
+        Done,
+    }
+}
+
+impl<S, B> ResponseFuture<S, B>
+where
+    S: Service<Request<B>>,
+{
+    pub(crate) fn passthrough(future: S::Future) -> Self {
+        Self {
+            state: State::Passthrough { future },
+            common: None,
+            generation: 0,
+            pending: None,
+            retry: None,
+        }
+    }
+
+    pub(crate) fn sent(
+        future: S::Future,
+        common: Arc<Common>,
+        generation: u64,
+        retry: Option<(Request<B>, S)>,
+    ) -> Self {
+        Self {
+            state: State::First { future },
+            common: Some(common),
+            generation,
+            pending: None,
+            retry,
+        }
+    }
+
+    pub(crate) fn waiting(
+        common: Arc<Common>,
+        seen: u64,
+        cause: Cause,
+        service: S,
+        request: Request<B>,
+        retry: Option<(Request<B>, S)>,
+    ) -> Self {
+        let token = Box::pin(Arc::clone(&common.state).renew(seen, cause));
+        Self {
+            state: State::Waiting { token },
+            common: Some(common),
+            generation: seen,
+            pending: Some((request, service)),
+            retry,
+        }
+    }
+}
+
+impl<S, B, ResBody> Future for ResponseFuture<S, B>
+where
+    S: Service<Request<B>, Response = Response<ResBody>>,
+    S::Error: Into<BoxError>,
+    ResBody: Body + Send + 'static,
+{
+    type Output = Result<Response<ResBody>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Passthrough { future } => {
+                    let result = ready!(future.poll(cx)).map_err(Into::into);
+                    this.state.set(State::Done);
+                    return Poll::Ready(result);
+                }
+                StateProj::Waiting { token } => {
+                    let installed = match ready!(token.as_mut().poll(cx)) {
+                        Ok(installed) => installed,
+                        Err(error) => {
+                            // NOTE: a request is never sent without a token (R9).
+                            this.state.set(State::Done);
+                            return Poll::Ready(Err(error.into()));
+                        }
+                    };
+                    let common = this.common.as_ref().expect("waiting without common");
+                    let (mut request, mut service) =
+                        this.pending.take().expect("waiting without a request");
+
+                    request
+                        .headers_mut()
+                        .insert(common.header_name.clone(), installed.header.clone());
+                    *this.generation = installed.generation;
+                    let future = service.call(request);
+                    this.state.set(State::First { future });
+                }
+                StateProj::First { future } => {
+                    let result = ready!(future.poll(cx));
+                    let mut response = match result {
+                        Ok(response) => response,
+                        Err(error) => {
+                            this.state.set(State::Done);
+                            return Poll::Ready(Err(error.into()));
+                        }
+                    };
+                    let common = this.common.as_ref().expect("first attempt without common");
+                    if !judge(common, &mut response) {
+                        this.state.set(State::Done);
+                        return Poll::Ready(Ok(response));
+                    }
+
+                    let state = Arc::clone(&common.state);
+                    let generation = *this.generation;
+                    if this.retry.is_none() {
+                        // The rejection goes back as it is; the next call gets a new token.
+                        tracing::debug!(generation, "token rejected, request cannot be retried");
+                        Counters::bump(&state.counters.passed_through);
+                        state.refresh_soon(generation, Cause::Rejected);
+                        this.state.set(State::Done);
+                        return Poll::Ready(Ok(response));
+                    }
+
+                    tracing::debug!(generation, "token rejected, retrying with a new one");
+                    let body = response.into_body();
+                    let token = Box::pin(async move {
+                        let (_, renewed) =
+                            tokio::join!(drain(body), state.renew(generation, Cause::Rejected));
+                        renewed
+                    });
+                    this.state.set(State::Renewing { token });
+                }
+                StateProj::Renewing { token } => {
+                    let installed = match ready!(token.as_mut().poll(cx)) {
+                        Ok(installed) => installed,
+                        Err(error) => {
+                            this.state.set(State::Done);
+                            return Poll::Ready(Err(error.into()));
+                        }
+                    };
+                    let common = this.common.as_ref().expect("renewing without common");
+                    let (mut request, service) = this.retry.take().expect("renewing without retry");
+
+                    request
+                        .headers_mut()
+                        .insert(common.header_name.clone(), installed.header.clone());
+                    request.extensions_mut().insert(Retried);
+                    *this.generation = installed.generation;
+                    *this.pending = Some((request, service));
+                    this.state.set(State::RetryReady);
+                }
+                StateProj::RetryReady => {
+                    let (_, service) = this.pending.as_mut().expect("retry without a request");
+                    if let Err(error) = ready!(service.poll_ready(cx)) {
+                        this.state.set(State::Done);
+                        return Poll::Ready(Err(error.into()));
+                    }
+                    let (request, mut service) = this.pending.take().expect("checked above");
+
+                    let common = this.common.as_ref().expect("retry without common");
+                    Counters::bump(&common.state.counters.retries);
+                    let future = service.call(request);
+                    this.state.set(State::Retry { future });
+                }
+                StateProj::Retry { future } => {
+                    let result = ready!(future.poll(cx));
+                    this.state.set(State::Done);
+                    let mut response = result.map_err(Into::into)?;
+
+                    // NOTE: one retry, then the truth (R6): a second rejection is returned as it
+                    // is, and does not start another refresh.
+                    let common = this.common.as_ref().expect("retry without common");
+                    if judge(common, &mut response) {
+                        tracing::debug!(
+                            generation = *this.generation,
+                            "retried request rejected again"
+                        );
+                        Counters::bump(&common.state.counters.passed_through);
+                    }
+                    return Poll::Ready(Ok(response));
+                }
+                StateProj::Done => panic!("ResponseFuture polled after completion"),
+            }
+        }
+    }
+}
+
+/// Returns true when `response` rejects the token; puts its Bearer challenge, if any, into its
+/// extensions.
+fn judge<ResBody>(common: &Common, response: &mut Response<ResBody>) -> bool {
+    let verdict = common
+        .classifier
+        .classify(response.status(), response.headers());
+    if let Some(challenge) = verdict.challenge {
+        response.extensions_mut().insert(challenge);
+    }
+    if verdict.rejected {
+        Counters::bump(&common.state.counters.rejections);
+    }
+    verdict.rejected
+}
+
+/// Reads and discards a rejected response's body, within [`DRAIN_LIMIT`] and [`DRAIN_TIME`].
+async fn drain<B: Body>(body: B) {
+    let read = async {
+        let mut body = pin!(body);
+        let mut drained = 0usize;
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Some(data) = frame.data_ref() {
+                drained = drained.saturating_add(bytes::Buf::remaining(data));
+                if drained > DRAIN_LIMIT {
+                    break;
+                }
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DRAIN_TIME, read).await;
+}
+
+impl<S, B> fmt::Debug for ResponseFuture<S, B>
+where
+    S: Service<Request<B>>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture")
+            .field("generation", &self.generation)
+            .finish_non_exhaustive()
+    }
+}

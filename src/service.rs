@@ -1,0 +1,159 @@
+//! [`Refresh`]: attach the token, and hand the request to the response future.
+
+use std::{
+    fmt, mem,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use http::{Request, Response};
+use http_body::Body;
+use tower::Service;
+
+use crate::{
+    body::{ReplayBodies, ReplayPolicy},
+    future::ResponseFuture,
+    layer::{Common, Origin},
+    state::Current,
+    BoxError, RefreshLayer, TokenSource,
+};
+
+/// Attaches the current token to every request, and retries a request once when its token
+/// is rejected. Built by [`RefreshLayer`].
+///
+/// Clones share the token state of the layer they came from.
+pub struct Refresh<S, R = ReplayBodies> {
+    inner: S,
+    common: Arc<Common>,
+    replay: R,
+}
+
+/// Marks a request that is a retry because of its token, so that no other copy of the layer
+/// in the same stack retries it again (R6).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Retried;
+
+impl<S> Refresh<S> {
+    /// A [`RefreshLayer`] that takes its tokens from `source`; the same as
+    /// [`RefreshLayer::new`].
+    pub fn layer<T: TokenSource>(source: T) -> RefreshLayer {
+        RefreshLayer::new(source)
+    }
+}
+
+impl<S, R> Refresh<S, R> {
+    pub(crate) fn from_parts(inner: S, common: Arc<Common>, replay: R) -> Self {
+        Self {
+            inner,
+            common,
+            replay,
+        }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes `self`, returning the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+
+    /// Returns true when the layer leaves this request alone.
+    fn passes_through<B>(&self, request: &Request<B>) -> bool {
+        let common = &*self.common;
+        if !common.replace_existing && request.headers().contains_key(&common.header_name) {
+            return true;
+        }
+        match &common.origins {
+            Some(origins) => !Origin::allows(origins, request.uri()),
+            None => false,
+        }
+    }
+}
+
+impl<S, R, B, ResBody> Service<Request<B>> for Refresh<S, R>
+where
+    S: Service<Request<B>, Response = Response<ResBody>> + Clone,
+    S::Error: Into<BoxError>,
+    R: ReplayPolicy<B>,
+    ResBody: Body + Send + 'static,
+{
+    type Response = Response<ResBody>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S, B>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        // NOTE: the service that was driven to readiness takes this request; a clone stays
+        // behind for the next one (the tower rule for cloned inner services).
+        let clone = self.inner.clone();
+        let mut inner = mem::replace(&mut self.inner, clone);
+
+        if self.passes_through(&request) {
+            return ResponseFuture::passthrough(inner.call(request));
+        }
+
+        let common = Arc::clone(&self.common);
+        let retry = if common.retry && request.extensions().get::<Retried>().is_none() {
+            copy_request(&request, &self.replay).map(|copy| (copy, self.inner.clone()))
+        } else {
+            None
+        };
+
+        match common.state.current() {
+            Current::Ready { header, generation } => {
+                request
+                    .headers_mut()
+                    .insert(common.header_name.clone(), header);
+                let future = inner.call(request);
+                ResponseFuture::sent(future, common, generation, retry)
+            }
+            Current::Wait { seen, cause } => {
+                tracing::trace!(seen, ?cause, "request waits for a token");
+                ResponseFuture::waiting(common, seen, cause, inner, request, retry)
+            }
+        }
+    }
+}
+
+/// A copy of `request` for a retry, when its body can be copied.
+fn copy_request<B, R: ReplayPolicy<B>>(request: &Request<B>, replay: &R) -> Option<Request<B>> {
+    let body = replay.replay(request.body())?;
+
+    let mut copy = Request::new(body);
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.version_mut() = request.version();
+    *copy.headers_mut() = request.headers().clone();
+    *copy.extensions_mut() = request.extensions().clone();
+    Some(copy)
+}
+
+impl<S: Clone, R: Clone> Clone for Refresh<S, R> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            common: Arc::clone(&self.common),
+            replay: self.replay.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug, R> fmt::Debug for Refresh<S, R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Refresh")
+            .field("inner", &self.inner)
+            .field("state", &self.common.state)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,728 @@
+//! The token state that every clone of a layer shares.
+//!
+//! Reading the current token is lock-free: the installed token sits behind an [`ArcSwapOption`]
+//! and a request only loads it, reads the clock when the token has a known expiry, and copies
+//! the prepared header value. Everything else (starting a refresh, joining one, remembering a
+//! failure) happens under one small mutex that the fresh-token path never touches.
+//!
+//! A refresh runs on a task of its own (R4), so a caller that stops waiting never cancels it,
+//! and its outcome is published on a `watch` channel that every waiter holds (R3). Flights are
+//! keyed by generation (R5): a flight always replaces the generation that is current when it
+//! starts, and a caller that asks to replace an older generation gets the newer token at once.
+
+use std::{
+    fmt,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex, MutexGuard, PoisonError,
+    },
+    time::Duration,
+};
+
+use arc_swap::ArcSwapOption;
+use http::HeaderValue;
+use tokio::{sync::watch, time::Instant};
+use tracing::Instrument;
+
+use crate::{source::DynSource, Error, Token};
+
+/// The longest header value a token may make; longer tokens are refused.
+pub(crate) const MAX_HEADER_LEN: usize = 32 * 1024;
+
+/// Why a refresh was started; recorded in traces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Cause {
+    /// No token was installed yet.
+    FirstUse,
+    /// The token entered its refresh window; callers keep using it meanwhile.
+    Stale,
+    /// The token expired (or was invalidated); callers wait.
+    Expired,
+    /// A server rejected the token.
+    Rejected,
+    /// The application asked for it through the handle.
+    Forced,
+}
+
+/// Settings of the token state, shared by every clone of a layer.
+#[derive(Clone, Debug)]
+pub(crate) struct Settings {
+    pub(crate) refresh_ahead: Duration,
+    pub(crate) expiry_margin: Duration,
+    pub(crate) refresh_timeout: Duration,
+    pub(crate) failure_backoff: Duration,
+    pub(crate) max_failure_backoff: Duration,
+    pub(crate) scheme: Option<String>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            refresh_ahead: Duration::from_secs(120),
+            expiry_margin: Duration::from_secs(30),
+            refresh_timeout: Duration::from_secs(10),
+            failure_backoff: Duration::from_secs(1),
+            max_failure_backoff: Duration::from_secs(30),
+            scheme: Some("Bearer".to_owned()),
+        }
+    }
+}
+
+/// A token in service, with its header value prepared and its deadlines computed.
+#[derive(Debug)]
+pub(crate) struct Installed {
+    pub(crate) generation: u64,
+    pub(crate) header: HeaderValue,
+    pub(crate) token: Token,
+    /// From here on a background refresh is started; `None` when the expiry is unknown.
+    stale_at: Option<Instant>,
+    /// From here on the token is never sent.
+    expired_at: Option<Instant>,
+    /// Set by an invalidation or a suspect rejection: treat as expired.
+    invalidated: AtomicBool,
+    /// A background refresh was asked for while this token was stale.
+    background: AtomicBool,
+}
+
+/// How a request may use the current token.
+pub(crate) enum Current {
+    /// Attach this header; it was installed as `generation`.
+    Ready {
+        header: HeaderValue,
+        generation: u64,
+    },
+    /// Wait for a token that replaces `seen` (0: none was installed).
+    Wait { seen: u64, cause: Cause },
+}
+
+enum Freshness {
+    Fresh,
+    Stale,
+    Expired,
+}
+
+impl Installed {
+    fn new(
+        token: Token,
+        generation: u64,
+        settings: &Settings,
+        now: Instant,
+    ) -> Result<Self, Error> {
+        let header = header_value(&token, settings.scheme.as_deref())?;
+
+        let (stale_at, expired_at) = match token.expires_at() {
+            None => (None, None),
+            Some(expires_at) => {
+                // NOTE: margins are clamped to the token's lifetime (R2), so a short-lived token
+                // is still used and no setting makes every call refresh.
+                let lifetime = expires_at.saturating_duration_since(now);
+                let margin = settings.expiry_margin.min(lifetime / 4);
+                let ahead = settings.refresh_ahead.min(lifetime / 2).max(margin);
+                let at = |before: Duration| expires_at.checked_sub(before).unwrap_or(now);
+                (Some(at(ahead)), Some(at(margin)))
+            }
+        };
+
+        Ok(Self {
+            generation,
+            header,
+            token,
+            stale_at,
+            expired_at,
+            invalidated: AtomicBool::new(false),
+            background: AtomicBool::new(false),
+        })
+    }
+
+    pub(crate) fn is_invalidated(&self) -> bool {
+        self.invalidated.load(Ordering::Relaxed)
+    }
+
+    fn freshness(&self) -> Freshness {
+        if self.invalidated.load(Ordering::Relaxed) {
+            return Freshness::Expired;
+        }
+        let (Some(stale_at), Some(expired_at)) = (self.stale_at, self.expired_at) else {
+            return Freshness::Fresh;
+        };
+
+        let now = Instant::now();
+        if now < stale_at {
+            Freshness::Fresh
+        } else if now < expired_at {
+            Freshness::Stale
+        } else {
+            Freshness::Expired
+        }
+    }
+}
+
+fn header_value(token: &Token, scheme: Option<&str>) -> Result<HeaderValue, Error> {
+    let secret = token.expose_secret();
+    if secret.is_empty() {
+        return Err(Error::invalid_token("token is empty"));
+    }
+
+    let mut bytes = Vec::with_capacity(secret.len() + scheme.map_or(0, |s| s.len() + 1));
+    if let Some(scheme) = scheme {
+        bytes.extend_from_slice(scheme.as_bytes());
+        bytes.push(b' ');
+    }
+    bytes.extend_from_slice(secret.as_bytes());
+    if bytes.len() > MAX_HEADER_LEN {
+        return Err(Error::invalid_token("token is too long for a header"));
+    }
+
+    // NOTE: only visible ASCII is accepted, so a token can never smuggle a line break or a
+    // second header into the request.
+    if !bytes.iter().all(|b| (0x21..0x7f).contains(b) || *b == b' ') {
+        return Err(Error::invalid_token(
+            "token holds characters that are not allowed in a header",
+        ));
+    }
+    let mut value = HeaderValue::from_maybe_shared(bytes::Bytes::from(bytes))
+        .map_err(|_| Error::invalid_token("token is not a valid header value"))?;
+    value.set_sensitive(true);
+    Ok(value)
+}
+
+/// Counters of what the layer did, for [`Stats`](crate::Stats).
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub(crate) refreshes: AtomicU64,
+    pub(crate) failures: AtomicU64,
+    pub(crate) coalesced: AtomicU64,
+    pub(crate) retries: AtomicU64,
+    pub(crate) rejections: AtomicU64,
+    pub(crate) passed_through: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// What the mutex guards: the flight in progress and the last failure.
+#[derive(Default)]
+struct Slot {
+    flight: Option<Flight>,
+    failure: Option<Failure>,
+    consecutive_failures: u32,
+    next_flight_id: u64,
+}
+
+struct Flight {
+    id: u64,
+    outcome: watch::Receiver<Option<Outcome>>,
+}
+
+struct Failure {
+    /// The generation that the failed flight meant to replace.
+    generation: u64,
+    until: Instant,
+    error: Error,
+}
+
+type Outcome = Result<Arc<Installed>, Error>;
+
+/// What a caller that needs a new token gets at once.
+enum Ticket {
+    Ready(Arc<Installed>),
+    Failed(Error),
+    Wait(watch::Receiver<Option<Outcome>>),
+}
+
+/// The shared token state.
+pub(crate) struct TokenState {
+    current: ArcSwapOption<Installed>,
+    slot: Mutex<Slot>,
+    source: Arc<dyn DynSource>,
+    settings: Mutex<Settings>,
+    pub(crate) counters: Counters,
+    installed: watch::Sender<Option<Arc<Installed>>>,
+}
+
+impl fmt::Debug for TokenState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let generation = self.current.load().as_ref().map(|c| c.generation);
+        f.debug_struct("TokenState")
+            .field("generation", &generation)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TokenState {
+    pub(crate) fn new(source: Arc<dyn DynSource>) -> Self {
+        Self {
+            current: ArcSwapOption::empty(),
+            slot: Mutex::new(Slot::default()),
+            source,
+            settings: Mutex::new(Settings::default()),
+            counters: Counters::default(),
+            installed: watch::Sender::new(None),
+        }
+    }
+
+    pub(crate) fn update_settings(&self, f: impl FnOnce(&mut Settings)) {
+        f(&mut self.settings.lock().unwrap_or_else(PoisonError::into_inner));
+    }
+
+    fn settings(&self) -> Settings {
+        self.settings
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Slot> {
+        // NOTE: nothing panics while holding the lock, so poisoning carries no broken state.
+        self.slot.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The hot path: which header a request leaves with, or that it must wait.
+    pub(crate) fn current(self: &Arc<Self>) -> Current {
+        let guard = self.current.load();
+        let Some(installed) = guard.as_ref() else {
+            return Current::Wait {
+                seen: 0,
+                cause: Cause::FirstUse,
+            };
+        };
+
+        match installed.freshness() {
+            Freshness::Fresh => {}
+            Freshness::Stale => self.refresh_in_background(installed),
+            Freshness::Expired => {
+                return Current::Wait {
+                    seen: installed.generation,
+                    cause: Cause::Expired,
+                }
+            }
+        }
+        Current::Ready {
+            header: installed.header.clone(),
+            generation: installed.generation,
+        }
+    }
+
+    /// The token in service, if any.
+    pub(crate) fn installed(&self) -> Option<Arc<Installed>> {
+        self.current.load_full()
+    }
+
+    /// Waits for a token that replaces generation `seen`, starting or joining the one flight.
+    ///
+    /// Returns at once with the current token when it is already newer than `seen` (R5), and
+    /// with the remembered error while a failed flight's back-off lasts (R9).
+    pub(crate) async fn renew(self: Arc<Self>, seen: u64, cause: Cause) -> Outcome {
+        let ticket = self.ticket(seen, cause, false);
+        Self::redeem(ticket).await
+    }
+
+    /// Starts a refresh of the current token, even during a failure back-off, and waits for it.
+    pub(crate) async fn force(self: Arc<Self>) -> Outcome {
+        let seen = self.installed().map_or(0, |c| c.generation);
+        let ticket = self.ticket(seen, Cause::Forced, true);
+        Self::redeem(ticket).await
+    }
+
+    /// Marks generation `generation` as unusable, so the next caller refreshes first.
+    pub(crate) fn invalidate(&self, generation: Option<u64>) {
+        if let Some(current) = self.current.load().as_ref() {
+            if generation.is_none_or(|g| g == current.generation) {
+                current.invalidated.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Starts a refresh that replaces generation `seen` unless one runs, a newer token is
+    /// installed, or a failure back-off lasts. Does not wait.
+    pub(crate) fn refresh_soon(self: &Arc<Self>, seen: u64, cause: Cause) {
+        drop(self.ticket(seen, cause, false));
+    }
+
+    /// Subscribes to installed tokens.
+    pub(crate) fn subscribe(&self) -> watch::Receiver<Option<Arc<Installed>>> {
+        self.installed.subscribe()
+    }
+
+    fn refresh_in_background(self: &Arc<Self>, installed: &Installed) {
+        // NOTE: the flag makes this a single atomic load for every stale-path request after
+        // the first; the flight resets it if it fails, once its back-off is over.
+        if installed.background.load(Ordering::Relaxed)
+            || installed.background.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        self.refresh_soon(installed.generation, Cause::Stale);
+    }
+
+    async fn redeem(ticket: Ticket) -> Outcome {
+        match ticket {
+            Ticket::Ready(installed) => Ok(installed),
+            Ticket::Failed(err) => Err(err),
+            Ticket::Wait(mut outcome) => match outcome.wait_for(Option::is_some).await {
+                Ok(outcome) => outcome.clone().unwrap_or_else(|| Err(Error::aborted())),
+                Err(_) => Err(Error::aborted()),
+            },
+        }
+    }
+
+    fn ticket(self: &Arc<Self>, seen: u64, cause: Cause, force: bool) -> Ticket {
+        let mut slot = self.lock();
+
+        let current = self.current.load_full();
+        let generation = current.as_ref().map_or(0, |c| c.generation);
+        if generation > seen {
+            if let Some(current) = current {
+                tracing::trace!(seen, generation, "newer token already installed");
+                return Ticket::Ready(current);
+            }
+        }
+
+        // NOTE: a flight always replaces the generation that was current when it started, and
+        // installing clears the flight under this lock: a running flight replaces `seen`.
+        if let Some(flight) = &slot.flight {
+            Counters::bump(&self.counters.coalesced);
+            return Ticket::Wait(flight.outcome.clone());
+        }
+
+        if !force {
+            if let Some(failure) = &slot.failure {
+                if failure.generation == generation && Instant::now() < failure.until {
+                    tracing::trace!(generation, "refresh failed recently, not retrying yet");
+                    return Ticket::Failed(failure.error.clone());
+                }
+            }
+        }
+
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!("token refresh needs a tokio runtime, and none is running");
+            return Ticket::Failed(Error::config("no tokio runtime to run the refresh on"));
+        };
+
+        let (sender, receiver) = watch::channel(None);
+        let id = slot.next_flight_id;
+        slot.next_flight_id += 1;
+        slot.flight = Some(Flight {
+            id,
+            outcome: receiver.clone(),
+        });
+        drop(slot);
+
+        Counters::bump(&self.counters.refreshes);
+        let previous = current.map(|c| c.token.clone());
+        let span = tracing::debug_span!("token_refresh", generation = generation + 1, ?cause);
+        runtime.spawn(
+            Arc::clone(self)
+                .fly(id, generation, previous, sender)
+                .instrument(span),
+        );
+        Ticket::Wait(receiver)
+    }
+
+    /// The refresh task: fetch, install, publish.
+    async fn fly(
+        self: Arc<Self>,
+        id: u64,
+        replaces: u64,
+        previous: Option<Token>,
+        sender: watch::Sender<Option<Outcome>>,
+    ) {
+        let guard = FlightGuard {
+            state: Arc::clone(&self),
+            id,
+        };
+        let settings = self.settings();
+        let started = Instant::now();
+
+        let fetch = Arc::clone(&self.source).fetch_owned(previous);
+        let fetched = match tokio::time::timeout(settings.refresh_timeout, fetch).await {
+            Ok(fetched) => fetched,
+            Err(_) => Err(Error::timeout()),
+        };
+        let now = Instant::now();
+        let outcome = fetched
+            .and_then(|token| Installed::new(token, replaces + 1, &settings, now))
+            .map(Arc::new);
+
+        let backoff = {
+            let mut slot = self.lock();
+            slot.flight = None;
+            match &outcome {
+                Ok(installed) => {
+                    self.current.store(Some(Arc::clone(installed)));
+                    slot.failure = None;
+                    slot.consecutive_failures = 0;
+                    None
+                }
+                Err(error) => {
+                    slot.consecutive_failures = slot.consecutive_failures.saturating_add(1);
+                    let backoff = backoff(&settings, slot.consecutive_failures);
+                    slot.failure = Some(Failure {
+                        generation: replaces,
+                        until: now + backoff,
+                        error: error.clone(),
+                    });
+                    Some(backoff)
+                }
+            }
+        };
+        guard.disarm();
+
+        let waiters = sender.receiver_count().saturating_sub(1);
+        let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        match &outcome {
+            Ok(installed) => {
+                tracing::debug!(
+                    waiters,
+                    elapsed_ms,
+                    expires_in_s = installed.token.expires_in().map(|d| d.as_secs()),
+                    "token refreshed"
+                );
+                self.installed.send_replace(Some(Arc::clone(installed)));
+            }
+            Err(error) => {
+                Counters::bump(&self.counters.failures);
+                tracing::error!(waiters, elapsed_ms, %error, "token refresh failed");
+            }
+        }
+        sender.send_replace(Some(outcome));
+
+        // A failed background refresh may be tried again once the back-off is over.
+        if let Some(backoff) = backoff {
+            if let Some(current) = self.installed() {
+                if current.generation == replaces && current.background.load(Ordering::Relaxed) {
+                    tokio::time::sleep(backoff).await;
+                    current.background.store(false, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+}
+
+/// Clears the flight when the refresh task ends without finishing (a panicking source, a
+/// runtime shutting down), so that no later caller joins a dead flight.
+struct FlightGuard {
+    state: Arc<TokenState>,
+    id: u64,
+}
+
+impl FlightGuard {
+    fn disarm(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for FlightGuard {
+    fn drop(&mut self) {
+        let mut slot = self.state.lock();
+        if slot.flight.as_ref().is_some_and(|f| f.id == self.id) {
+            slot.flight = None;
+        }
+    }
+}
+
+/// The jittered back-off after `failures` failures in a row: doubling from the base, capped,
+/// then scaled by a random factor in [0.5, 1].
+fn backoff(settings: &Settings, failures: u32) -> Duration {
+    let exponent = failures.saturating_sub(1).min(16);
+    let base = settings
+        .failure_backoff
+        .saturating_mul(1 << exponent)
+        .min(settings.max_failure_backoff);
+    base.mul_f64(0.5 + random_unit() / 2.0)
+}
+
+/// A random number in [0, 1), from the standard library's randomly seeded hasher.
+fn random_unit() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(0);
+    (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source;
+    use std::sync::atomic::AtomicUsize;
+
+    fn counting_source(lifetime: Option<Duration>) -> (Arc<TokenState>, Arc<AtomicUsize>) {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&calls);
+        let source = source::from_fn(move |_previous| {
+            let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+            async move {
+                let token = Token::new(format!("token-{n}"));
+                Ok::<_, Error>(match lifetime {
+                    Some(lifetime) => token.with_expires_in(lifetime),
+                    None => token,
+                })
+            }
+        });
+        (Arc::new(TokenState::new(Arc::new(source))), calls)
+    }
+
+    fn header_of(current: Current) -> Option<String> {
+        match current {
+            Current::Ready { header, .. } => Some(header.to_str().unwrap().to_owned()),
+            Current::Wait { .. } => None,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn r3_many_waiters_share_one_flight() {
+        let (state, calls) = counting_source(None);
+
+        let waiters: Vec<_> = (0..100)
+            .map(|_| tokio::spawn(Arc::clone(&state).renew(0, Cause::FirstUse)))
+            .collect();
+        for waiter in waiters {
+            assert_eq!(waiter.await.unwrap().unwrap().generation, 1);
+        }
+
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(state.counters.refreshes.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn r5_asking_to_replace_an_old_generation_returns_the_new_one() {
+        let (state, calls) = counting_source(None);
+        Arc::clone(&state).renew(0, Cause::FirstUse).await.unwrap();
+        Arc::clone(&state).renew(1, Cause::Rejected).await.unwrap();
+
+        let late = Arc::clone(&state).renew(1, Cause::Rejected).await.unwrap();
+
+        assert_eq!(late.generation, 2);
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn r2_short_tokens_are_fresh_then_stale_then_expired() {
+        let (state, calls) = counting_source(Some(Duration::from_secs(4)));
+        Arc::clone(&state).renew(0, Cause::FirstUse).await.unwrap();
+
+        // Fresh for half the lifetime, stale until the last quarter, expired after.
+        assert_eq!(header_of(state.current()).as_deref(), Some("Bearer token-1"));
+        tokio::time::advance(Duration::from_millis(2100)).await;
+        assert_eq!(header_of(state.current()).as_deref(), Some("Bearer token-1"));
+        tokio::task::yield_now().await;
+        assert_eq!(calls.load(Ordering::SeqCst), 2, "stale token refreshed in background");
+        assert_eq!(header_of(state.current()).as_deref(), Some("Bearer token-2"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn r2_an_expired_token_is_never_handed_out() {
+        let (state, _calls) = counting_source(Some(Duration::from_secs(4)));
+        Arc::clone(&state).renew(0, Cause::FirstUse).await.unwrap();
+
+        tokio::time::advance(Duration::from_millis(3100)).await;
+
+        assert!(matches!(
+            state.current(),
+            Current::Wait {
+                seen: 1,
+                cause: Cause::Expired
+            }
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn r2_unknown_expiry_is_always_fresh() {
+        let (state, _calls) = counting_source(None);
+        Arc::clone(&state).renew(0, Cause::FirstUse).await.unwrap();
+
+        tokio::time::advance(Duration::from_secs(10 * 365 * 24 * 3600)).await;
+
+        assert!(header_of(state.current()).is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn r4_a_refresh_outlives_its_cancelled_callers() {
+        let (state, calls) = counting_source(None);
+
+        let waiter = tokio::spawn(Arc::clone(&state).renew(0, Cause::FirstUse));
+        tokio::task::yield_now().await;
+        waiter.abort();
+        tokio::task::yield_now().await;
+        tokio::task::yield_now().await;
+
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(state.installed().unwrap().generation, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn r9_failures_reach_every_waiter_and_are_remembered_briefly() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&calls);
+        let source = source::from_fn(move |_| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            async { Err::<Token, _>(Error::terminal(std::io::Error::other("revoked"))) }
+        });
+        let state = Arc::new(TokenState::new(Arc::new(source)));
+
+        let first = Arc::clone(&state).renew(0, Cause::FirstUse).await.unwrap_err();
+        let second = Arc::clone(&state).renew(0, Cause::FirstUse).await.unwrap_err();
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let third = Arc::clone(&state).renew(0, Cause::FirstUse).await.unwrap_err();
+
+        assert!(first.is_terminal() && second.is_terminal() && third.is_terminal());
+        assert_eq!(calls.load(Ordering::SeqCst), 2, "one call per back-off period");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn r4_a_hanging_source_times_out() {
+        let source = source::from_fn(|_| std::future::pending::<Result<Token, Error>>());
+        let state = Arc::new(TokenState::new(Arc::new(source)));
+        state.update_settings(|s| s.refresh_timeout = Duration::from_secs(3));
+
+        let started = Instant::now();
+        let err = Arc::clone(&state).renew(0, Cause::FirstUse).await.unwrap_err();
+
+        assert!(err.is_timeout());
+        assert_eq!(started.elapsed(), Duration::from_secs(3));
+    }
+
+    #[tokio::test]
+    async fn a_panicking_source_leaves_no_dead_flight() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&calls);
+        let source = source::from_fn(move |_| {
+            let n = counter.fetch_add(1, Ordering::SeqCst);
+            async move {
+                assert!(n > 0, "first fetch panics");
+                Ok::<_, Error>(Token::new("ok"))
+            }
+        });
+        let state = Arc::new(TokenState::new(Arc::new(source)));
+
+        let first = Arc::clone(&state).renew(0, Cause::FirstUse).await.unwrap_err();
+        let second = Arc::clone(&state).renew(0, Cause::FirstUse).await.unwrap();
+
+        assert!(first.is_aborted());
+        assert_eq!(second.generation, 1);
+    }
+
+    #[test]
+    fn hostile_tokens_are_refused_without_echoing_them() {
+        for secret in ["a\r\nX-Evil: 1", "tab\there", "é", &"x".repeat(MAX_HEADER_LEN)] {
+            let err = header_value(&Token::new(secret), Some("Bearer")).unwrap_err();
+            assert!(err.is_invalid_token());
+            assert!(!err.to_string().contains(secret));
+        }
+    }
+
+    #[test]
+    fn backoff_doubles_and_is_capped() {
+        let settings = Settings::default();
+
+        let first = backoff(&settings, 1);
+        let tenth = backoff(&settings, 10);
+
+        assert!(first >= Duration::from_millis(500) && first <= Duration::from_secs(1));
+        assert!(tenth >= Duration::from_secs(15) && tenth <= Duration::from_secs(30));
+    }
+}
