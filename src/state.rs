@@ -370,6 +370,11 @@ impl TokenState {
     }
 
     fn ticket(self: &Arc<Self>, seen: u64, cause: Cause, force: bool) -> Ticket {
+        if cause == Cause::Rejected {
+            // NOTE: a rejected token is never sent again, whatever its expiry says (F15):
+            // callers that arrive while it is replaced wait for the new one.
+            self.invalidate(Some(seen));
+        }
         let mut slot = self.lock();
 
         let current = self.current.load_full();
