@@ -28,7 +28,7 @@ use http::StatusCode;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The longest excerpt of a server's text that an error keeps.
-const EXCERPT_LIMIT: usize = 120;
+pub(crate) const EXCERPT_LIMIT: usize = 120;
 
 /// Why getting a token failed.
 ///

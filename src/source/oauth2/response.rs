@@ -1,0 +1,801 @@
+//! Reading a token endpoint's answer: RFC 6749 §5.1 (success) and §5.2 (error), with the
+//! deviations real servers show (field-cases.md F01, F02, F03, F18, F19).
+//!
+//! The rules are listed in the module docs of [`oauth2`](super); each has a test below.
+
+use std::time::Duration;
+
+use http::StatusCode;
+use serde_json::{Map, Number, Value};
+use tokio::time::Instant;
+
+use crate::{Error, Token};
+
+/// What the parser needs to know about the request that was answered.
+pub(super) struct ResponseContext<'a> {
+    /// When the request was sent: expiry counts from here.
+    pub(super) sent_at: Instant,
+    /// The scopes that were asked for; the token has them when the answer names none.
+    pub(super) requested_scopes: &'a [String],
+    /// What must never be copied from a body into an error.
+    pub(super) guard: &'a SecretGuard,
+}
+
+/// Turns a complete answer of the token endpoint into a token or an error.
+pub(super) fn parse_token_response(
+    status: StatusCode,
+    body: &[u8],
+    cx: &ResponseContext<'_>,
+) -> Result<Token, Error> {
+    let json = serde_json::from_slice::<Value>(body).ok();
+
+    if !status.is_success() {
+        let oauth = json
+            .as_ref()
+            .and_then(Value::as_object)
+            .and_then(|fields| oauth_error(status, fields, cx.guard));
+        return Err(oauth.unwrap_or_else(|| {
+            cx.guard
+                .add_excerpt(Error::endpoint(status, None, None, None), body)
+        }));
+    }
+
+    let fields = match json {
+        Some(Value::Object(fields)) => fields,
+        Some(_) => {
+            let err = Error::invalid_response(status, None, "not a JSON object");
+            return Err(cx.guard.add_excerpt(err, body));
+        }
+        None => {
+            let err = Error::invalid_response(status, None, "not JSON");
+            return Err(cx.guard.add_excerpt(err, body));
+        }
+    };
+
+    // NOTE: some servers answer errors with a success status; without an access token, an
+    // `error` code is the better explanation.
+    if !fields.contains_key("access_token") {
+        if let Some(err) = oauth_error(status, &fields, cx.guard) {
+            return Err(err);
+        }
+    }
+
+    token_from_fields(status, fields, cx)
+}
+
+/// Builds the token of a §5.1 success response. No error made here carries an excerpt: the
+/// body holds a token.
+fn token_from_fields(
+    status: StatusCode,
+    mut fields: Map<String, Value>,
+    cx: &ResponseContext<'_>,
+) -> Result<Token, Error> {
+    let field_error = |field, message| Error::invalid_response(status, Some(field), message);
+
+    let access_token = match fields.remove("access_token") {
+        Some(Value::String(secret)) if !secret.is_empty() => secret,
+        Some(Value::String(_)) => return Err(field_error("access_token", "empty")),
+        None | Some(Value::Null) => return Err(field_error("access_token", "missing")),
+        Some(_) => return Err(field_error("access_token", "not a string")),
+    };
+
+    let token_type = match fields.remove("token_type") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(name)) if name.eq_ignore_ascii_case("bearer") => Some(name),
+        Some(Value::String(_)) => return Err(Error::invalid_token("unsupported token type")),
+        Some(_) => return Err(field_error("token_type", "not a string")),
+    };
+
+    let lifetime =
+        lifetime(fields.get("expires_in")).map_err(|message| field_error("expires_in", message))?;
+
+    let scopes = match fields.remove("scope") {
+        None | Some(Value::Null) => cx.requested_scopes.to_vec(),
+        Some(Value::String(scope)) => scope.split_ascii_whitespace().map(String::from).collect(),
+        Some(Value::Array(items)) => items
+            .into_iter()
+            .map(|item| match item {
+                Value::String(scope) => Ok(scope),
+                _ => Err(field_error("scope", "not a list of strings")),
+            })
+            .collect::<Result<_, _>>()?,
+        Some(_) => return Err(field_error("scope", "not a space-separated string")),
+    };
+
+    let refresh_token = match fields.remove("refresh_token") {
+        Some(Value::String(refresh_token)) if !refresh_token.is_empty() => Some(refresh_token),
+        _ => None,
+    };
+
+    let mut token = Token::new(access_token).with_scopes(scopes);
+    if let Some(token_type) = token_type {
+        token = token.with_token_type(token_type);
+    }
+    if let Some(lifetime) = lifetime {
+        token = token.with_lifetime_from(cx.sent_at, lifetime);
+    }
+    if let Some(refresh_token) = refresh_token {
+        token = token.with_refresh_token(refresh_token);
+    }
+    Ok(token)
+}
+
+/// The §5.2 error of a body, if it names an `error` code.
+fn oauth_error(
+    status: StatusCode,
+    fields: &Map<String, Value>,
+    guard: &SecretGuard,
+) -> Option<Error> {
+    let text = |name: &str| {
+        fields
+            .get(name)
+            .and_then(Value::as_str)
+            .filter(|text| !text.is_empty() && !guard.reveals(text.as_bytes()))
+            .map(String::from)
+    };
+
+    let code = text("error")?;
+    Some(Error::endpoint(
+        status,
+        Some(code),
+        text("error_description"),
+        text("error_uri"),
+    ))
+}
+
+const NOT_SECONDS: &str = "not a number of seconds";
+
+/// The lifetime an `expires_in` value gives: `None` when it is unknown, zero when the token is
+/// expired on arrival.
+fn lifetime(value: Option<&Value>) -> Result<Option<Duration>, &'static str> {
+    match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(number)) => Ok(Some(number_seconds(number))),
+        Some(Value::String(text)) => decimal_seconds(text).map(Some).ok_or(NOT_SECONDS),
+        Some(_) => Err(NOT_SECONDS),
+    }
+}
+
+/// Seconds of a JSON number: the fraction dropped, negative values taken as zero, huge ones
+/// saturated (the token clamps them to [`MAX_LIFETIME`](crate::MAX_LIFETIME)).
+fn number_seconds(number: &Number) -> Duration {
+    if let Some(seconds) = number.as_u64() {
+        return Duration::from_secs(seconds);
+    }
+    if number.is_i64() {
+        return Duration::ZERO;
+    }
+
+    // NOTE: serde_json numbers are always finite; `as` truncates and saturates.
+    let seconds = number.as_f64().unwrap_or(0.0);
+    if seconds >= 1.0 {
+        Duration::from_secs(seconds as u64)
+    } else {
+        Duration::ZERO
+    }
+}
+
+/// Seconds of a string holding a decimal number, `-?[0-9]+(\.[0-9]+)?` after trimming ASCII
+/// whitespace, read like a JSON number would be. No exponent, no sign `+`, no `NaN`.
+fn decimal_seconds(text: &str) -> Option<Duration> {
+    let text = text.trim_matches(|c: char| c.is_ascii_whitespace());
+    let (negative, unsigned) = match text.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, text),
+    };
+    let (whole, fraction) = match unsigned.split_once('.') {
+        Some((whole, fraction)) => (whole, Some(fraction)),
+        None => (unsigned, None),
+    };
+
+    let all_digits = |part: &str| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit());
+    if !all_digits(whole) || !fraction.is_none_or(all_digits) {
+        return None;
+    }
+    if negative {
+        return Some(Duration::ZERO);
+    }
+
+    let seconds = whole.bytes().fold(0u64, |seconds, digit| {
+        seconds
+            .saturating_mul(10)
+            .saturating_add(u64::from(digit - b'0'))
+    });
+    Some(Duration::from_secs(seconds))
+}
+
+/// Words whose presence in a body means it may hold a credential.
+const TELLTALE_WORDS: [&[u8]; 3] = [b"token", b"secret", b"bearer"];
+
+/// Decides what of a token endpoint's body may be copied into an error (R10).
+pub(super) struct SecretGuard {
+    secrets: Vec<Box<[u8]>>,
+}
+
+impl SecretGuard {
+    /// A guard that also looks for these exact strings, such as the client secret in the
+    /// forms it is sent in.
+    pub(super) fn new(secrets: impl IntoIterator<Item = String>) -> Self {
+        let secrets = secrets
+            .into_iter()
+            .filter(|secret| !secret.is_empty())
+            .map(|secret| secret.into_bytes().into_boxed_slice())
+            .collect();
+        Self { secrets }
+    }
+
+    /// Returns true when `text` holds one of the guarded strings.
+    fn reveals(&self, text: &[u8]) -> bool {
+        self.secrets
+            .iter()
+            .any(|secret| text.windows(secret.len()).any(|window| window == &**secret))
+    }
+
+    /// Adds the start of `body` to `err` when it is safe to show: the body holds none of the
+    /// guarded strings and none of the telltale words in any case, and its start has a space
+    /// (a single unbroken word may be a bare token).
+    fn add_excerpt(&self, err: Error, body: &[u8]) -> Error {
+        let has_telltale = TELLTALE_WORDS.iter().any(|word| {
+            body.windows(word.len())
+                .any(|window| window.eq_ignore_ascii_case(word))
+        });
+        if has_telltale || self.reveals(body) {
+            return err;
+        }
+
+        let text = String::from_utf8_lossy(body);
+        let text = text.trim();
+        let has_space = text
+            .chars()
+            .take(crate::error::EXCERPT_LIMIT)
+            .any(char::is_whitespace);
+        if !has_space {
+            return err;
+        }
+        err.with_excerpt(text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::MAX_LIFETIME;
+
+    const ACCESS: &str = "A1-very-secret-access-token-value";
+
+    fn guard() -> SecretGuard {
+        SecretGuard::new(["client-s3cret".to_owned()])
+    }
+
+    fn parse_as(status: StatusCode, body: &str, sent_at: Instant) -> Result<Token, Error> {
+        let guard = guard();
+        let requested = ["read".to_owned(), "write".to_owned()];
+        let cx = ResponseContext {
+            sent_at,
+            requested_scopes: &requested,
+            guard: &guard,
+        };
+        parse_token_response(status, body.as_bytes(), &cx)
+    }
+
+    fn parse_ok(body: &str) -> (Token, Instant) {
+        let sent_at = Instant::now();
+        let token = parse_as(StatusCode::OK, body, sent_at).expect("a token");
+        (token, sent_at)
+    }
+
+    fn parse_err(status: StatusCode, body: &str) -> Error {
+        parse_as(status, body, Instant::now()).expect_err("an error")
+    }
+
+    fn with_expires_in(expires_in: &str) -> String {
+        format!(r#"{{"access_token":"{ACCESS}","token_type":"Bearer","expires_in":{expires_in}}}"#)
+    }
+
+    fn lifetime_of(expires_in: &str) -> Option<Duration> {
+        let (token, sent_at) = parse_ok(&with_expires_in(expires_in));
+        token.expires_at().map(|at| at - sent_at)
+    }
+
+    fn assert_expires_in_rejected(expires_in: &str) {
+        let err = parse_err(StatusCode::OK, &with_expires_in(expires_in));
+
+        assert!(err.is_invalid_response(), "{expires_in}: {err:?}");
+        assert_eq!(err.field(), Some("expires_in"), "{expires_in}");
+        assert_eq!(err.status(), Some(StatusCode::OK));
+        assert_eq!(err.excerpt(), None, "{expires_in}");
+        assert!(!format!("{err}").contains(ACCESS), "{expires_in}: {err}");
+        assert!(
+            !format!("{err:?}").contains(ACCESS),
+            "{expires_in}: {err:?}"
+        );
+    }
+
+    #[test]
+    fn a_complete_response_gives_a_complete_token() {
+        let (token, sent_at) = parse_ok(&format!(
+            r#"{{"access_token":"{ACCESS}","token_type":"Bearer","expires_in":3600,
+                "scope":"read admin","refresh_token":"R1","extra":{{"ignored":true}}}}"#
+        ));
+
+        assert_eq!(token.expose_secret(), ACCESS);
+        assert_eq!(token.token_type(), Some("Bearer"));
+        assert_eq!(
+            token.expires_at(),
+            Some(sent_at + Duration::from_secs(3600))
+        );
+        assert_eq!(token.scopes(), ["read", "admin"]);
+        assert_eq!(token.expose_refresh_token(), Some("R1"));
+    }
+
+    #[test]
+    fn f01_expires_in_as_string_is_read_like_the_number() {
+        assert_eq!(lifetime_of(r#""3600""#), Some(Duration::from_secs(3600)));
+    }
+
+    #[test]
+    fn f01_expires_in_string_is_trimmed_of_ascii_whitespace() {
+        assert_eq!(lifetime_of(r#"" 3600 ""#), Some(Duration::from_secs(3600)));
+        assert_eq!(
+            lifetime_of(r#""\t3600\r\n""#),
+            Some(Duration::from_secs(3600))
+        );
+    }
+
+    #[test]
+    fn f01_expires_in_string_with_fraction_drops_the_fraction() {
+        assert_eq!(lifetime_of(r#""3600.0""#), Some(Duration::from_secs(3600)));
+        assert_eq!(lifetime_of(r#""3600.9""#), Some(Duration::from_secs(3600)));
+    }
+
+    #[test]
+    fn f01_expires_in_not_a_number_is_a_typed_error_without_the_token() {
+        assert_expires_in_rejected(r#""abc""#);
+    }
+
+    #[test]
+    fn f01_expires_in_malformed_strings_are_rejected() {
+        let malformed = [
+            r#""""#,
+            r#"" ""#,
+            r#""1e3""#,
+            r#""NaN""#,
+            r#""inf""#,
+            r#""Infinity""#,
+            r#""+3600""#,
+            r#""3600.""#,
+            r#"".5""#,
+            r#""-""#,
+            r#""0x10""#,
+            r#""3600s""#,
+            r#""36 00""#,
+            r#""٣٦٠٠""#,
+        ];
+
+        for expires_in in malformed {
+            assert_expires_in_rejected(expires_in);
+        }
+    }
+
+    #[test]
+    fn f01_expires_in_of_other_json_types_is_rejected() {
+        for expires_in in ["true", "false", "{}", "[3600]"] {
+            assert_expires_in_rejected(expires_in);
+        }
+    }
+
+    #[test]
+    fn f01_expires_in_error_names_the_field() {
+        let err = parse_err(StatusCode::OK, &with_expires_in(r#""abc""#));
+
+        assert_eq!(
+            err.to_string(),
+            "token endpoint sent an unusable response (status 200): not a number of seconds \
+             (field `expires_in`)"
+        );
+    }
+
+    #[test]
+    fn expires_in_float_drops_the_fraction() {
+        assert_eq!(lifetime_of("3600.0"), Some(Duration::from_secs(3600)));
+        assert_eq!(lifetime_of("59.99"), Some(Duration::from_secs(59)));
+    }
+
+    #[test]
+    fn expires_in_number_with_exponent_is_a_json_number() {
+        assert_eq!(lifetime_of("1e3"), Some(Duration::from_secs(1000)));
+    }
+
+    #[test]
+    fn f02_expires_in_missing_means_unknown_expiry() {
+        let (token, _) = parse_ok(&format!(
+            r#"{{"access_token":"{ACCESS}","token_type":"Bearer"}}"#
+        ));
+
+        assert_eq!(token.expires_at(), None);
+    }
+
+    #[test]
+    fn f02_expires_in_null_means_unknown_expiry() {
+        assert_eq!(lifetime_of("null"), None);
+    }
+
+    #[test]
+    fn f03_expires_in_zero_is_expired_on_arrival() {
+        assert_eq!(lifetime_of("0"), Some(Duration::ZERO));
+        assert_eq!(lifetime_of(r#""0""#), Some(Duration::ZERO));
+    }
+
+    #[test]
+    fn f03_expires_in_negative_is_expired_on_arrival() {
+        for expires_in in [
+            "-60",
+            "-0.5",
+            "-1e300",
+            r#""-1""#,
+            r#""-3600.5""#,
+            "-9223372036854775809",
+        ] {
+            assert_eq!(
+                lifetime_of(expires_in),
+                Some(Duration::ZERO),
+                "{expires_in}"
+            );
+        }
+    }
+
+    #[test]
+    fn f03_expires_in_below_one_second_is_expired_on_arrival() {
+        assert_eq!(lifetime_of("0.5"), Some(Duration::ZERO));
+        assert_eq!(lifetime_of(r#""0.999""#), Some(Duration::ZERO));
+    }
+
+    #[test]
+    fn expires_in_huge_values_are_clamped_to_max_lifetime() {
+        let huge = [
+            "18446744073709551615",
+            "1e300",
+            r#""99999999999999999999999999""#,
+            "99999999999999999999999999",
+        ];
+
+        for expires_in in huge {
+            assert_eq!(lifetime_of(expires_in), Some(MAX_LIFETIME), "{expires_in}");
+        }
+    }
+
+    #[test]
+    fn access_token_missing_is_an_error_naming_the_field() {
+        let err = parse_err(StatusCode::OK, r#"{"token_type":"Bearer","expires_in":60}"#);
+
+        assert!(err.is_invalid_response());
+        assert_eq!(err.field(), Some("access_token"));
+        assert_eq!(err.excerpt(), None);
+        assert_eq!(
+            err.to_string(),
+            "token endpoint sent an unusable response (status 200): missing (field `access_token`)"
+        );
+    }
+
+    #[test]
+    fn access_token_of_wrong_type_or_empty_is_an_error_naming_the_field() {
+        for body in [
+            r#"{"access_token":42}"#,
+            r#"{"access_token":null}"#,
+            r#"{"access_token":["a"]}"#,
+            r#"{"access_token":""}"#,
+        ] {
+            let err = parse_err(StatusCode::OK, body);
+
+            assert!(err.is_invalid_response(), "{body}");
+            assert_eq!(err.field(), Some("access_token"), "{body}");
+            assert_eq!(err.excerpt(), None, "{body}");
+        }
+    }
+
+    #[test]
+    fn token_type_is_compared_without_case() {
+        for name in ["bearer", "BEARER", "Bearer"] {
+            let (token, _) = parse_ok(&format!(
+                r#"{{"access_token":"{ACCESS}","token_type":"{name}"}}"#
+            ));
+
+            assert_eq!(token.token_type(), Some(name));
+        }
+    }
+
+    #[test]
+    fn token_type_missing_is_taken_as_bearer() {
+        let (token, _) = parse_ok(&format!(r#"{{"access_token":"{ACCESS}"}}"#));
+
+        assert_eq!(
+            token.token_type(),
+            None,
+            "Token::token_type None means Bearer"
+        );
+        assert_eq!(token.expose_secret(), ACCESS);
+    }
+
+    #[test]
+    fn token_type_other_than_bearer_is_terminal() {
+        for name in ["mac", "DPoP", "N_A", ""] {
+            let err = parse_err(
+                StatusCode::OK,
+                &format!(r#"{{"access_token":"{ACCESS}","token_type":"{name}"}}"#),
+            );
+
+            assert!(err.is_invalid_token(), "{name}: {err:?}");
+            assert!(err.is_terminal(), "{name}");
+            assert_eq!(
+                err.to_string(),
+                "token cannot be used: unsupported token type"
+            );
+        }
+    }
+
+    #[test]
+    fn token_type_of_wrong_type_is_an_error_naming_the_field() {
+        let err = parse_err(
+            StatusCode::OK,
+            &format!(r#"{{"access_token":"{ACCESS}","token_type":1}}"#),
+        );
+
+        assert!(err.is_invalid_response());
+        assert_eq!(err.field(), Some("token_type"));
+    }
+
+    #[test]
+    fn scope_missing_means_the_requested_scopes() {
+        let (token, _) = parse_ok(&format!(r#"{{"access_token":"{ACCESS}"}}"#));
+
+        assert_eq!(token.scopes(), ["read", "write"]);
+    }
+
+    #[test]
+    fn scope_string_is_split_on_spaces() {
+        let (token, _) = parse_ok(&format!(
+            r#"{{"access_token":"{ACCESS}","scope":" a  b c "}}"#
+        ));
+
+        assert_eq!(token.scopes(), ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn scope_empty_string_means_no_scopes_granted() {
+        let (token, _) = parse_ok(&format!(r#"{{"access_token":"{ACCESS}","scope":""}}"#));
+
+        assert!(token.scopes().is_empty());
+    }
+
+    #[test]
+    fn scope_as_list_of_strings_is_accepted() {
+        let (token, _) = parse_ok(&format!(
+            r#"{{"access_token":"{ACCESS}","scope":["a","b"]}}"#
+        ));
+
+        assert_eq!(token.scopes(), ["a", "b"]);
+    }
+
+    #[test]
+    fn scope_of_wrong_type_is_an_error_naming_the_field() {
+        for scope in ["42", "{}", r#"["a",1]"#] {
+            let err = parse_err(
+                StatusCode::OK,
+                &format!(r#"{{"access_token":"{ACCESS}","scope":{scope}}}"#),
+            );
+
+            assert_eq!(err.field(), Some("scope"), "{scope}");
+            assert_eq!(err.excerpt(), None, "{scope}");
+        }
+    }
+
+    #[test]
+    fn refresh_token_is_kept_only_when_a_non_empty_string() {
+        for refresh_token in [r#""""#, "null", "42"] {
+            let (token, _) = parse_ok(&format!(
+                r#"{{"access_token":"{ACCESS}","refresh_token":{refresh_token}}}"#
+            ));
+
+            assert!(!token.has_refresh_token(), "{refresh_token}");
+        }
+    }
+
+    #[test]
+    fn f18_invalid_grant_is_terminal_and_carries_its_description() {
+        let err = parse_err(
+            StatusCode::BAD_REQUEST,
+            r#"{"error":"invalid_grant","error_description":"client disabled",
+                "error_uri":"https://auth.example.com/docs/errors"}"#,
+        );
+
+        assert!(err.is_endpoint());
+        assert!(err.is_terminal());
+        assert_eq!(err.status(), Some(StatusCode::BAD_REQUEST));
+        assert_eq!(err.oauth_error(), Some("invalid_grant"));
+        assert_eq!(err.error_description(), Some("client disabled"));
+        assert_eq!(
+            err.error_uri(),
+            Some("https://auth.example.com/docs/errors")
+        );
+        assert_eq!(err.excerpt(), None);
+    }
+
+    #[test]
+    fn f18_invalid_grant_without_description() {
+        let err = parse_err(StatusCode::BAD_REQUEST, r#"{"error":"invalid_grant"}"#);
+
+        assert!(err.is_terminal());
+        assert_eq!(err.oauth_error(), Some("invalid_grant"));
+        assert_eq!(err.error_description(), None);
+        assert_eq!(
+            err.to_string(),
+            "token endpoint refused the request (status 400): invalid_grant"
+        );
+    }
+
+    #[test]
+    fn error_response_with_transient_code_is_transient() {
+        let err = parse_err(
+            StatusCode::SERVICE_UNAVAILABLE,
+            r#"{"error":"temporarily_unavailable"}"#,
+        );
+
+        assert!(err.is_transient());
+        assert_eq!(err.oauth_error(), Some("temporarily_unavailable"));
+    }
+
+    #[test]
+    fn error_fields_that_echo_the_client_secret_are_dropped() {
+        let err = parse_err(
+            StatusCode::UNAUTHORIZED,
+            r#"{"error":"invalid_client","error_description":"bad secret client-s3cret"}"#,
+        );
+
+        assert_eq!(err.oauth_error(), Some("invalid_client"));
+        assert_eq!(err.error_description(), None);
+        assert!(!format!("{err} {err:?}").contains("client-s3cret"));
+    }
+
+    #[test]
+    fn error_code_in_a_success_response_without_token_is_an_endpoint_error() {
+        let err = parse_err(StatusCode::OK, r#"{"error":"invalid_client"}"#);
+
+        assert!(err.is_endpoint());
+        assert!(err.is_terminal());
+        assert_eq!(err.oauth_error(), Some("invalid_client"));
+    }
+
+    #[test]
+    fn f19_html_error_page_gives_status_and_short_excerpt() {
+        let page = format!(
+            "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>{}</body></html>",
+            "<center>nginx</center>".repeat(20)
+        );
+
+        let err = parse_err(StatusCode::BAD_GATEWAY, &page);
+
+        assert!(err.is_endpoint());
+        assert!(err.is_transient());
+        assert_eq!(err.status(), Some(StatusCode::BAD_GATEWAY));
+        assert_eq!(err.oauth_error(), None);
+        let excerpt = err.excerpt().expect("an excerpt");
+        assert!(
+            excerpt.starts_with("<html>  <head><title>502 Bad Gateway</title>"),
+            "{excerpt}"
+        );
+        assert!(excerpt.chars().count() <= 121, "{excerpt}");
+        assert!(err
+            .to_string()
+            .starts_with("token endpoint refused the request (status 502)"));
+    }
+
+    #[test]
+    fn f19_json_error_body_without_error_code_gets_an_excerpt() {
+        let err = parse_err(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            r#"{"message": "upstream down"}"#,
+        );
+
+        assert!(err.is_endpoint());
+        assert_eq!(err.oauth_error(), None);
+        assert_eq!(err.excerpt(), Some(r#"{"message": "upstream down"}"#));
+    }
+
+    #[test]
+    fn f19_success_status_with_html_is_not_json() {
+        let err = parse_err(
+            StatusCode::OK,
+            "<!DOCTYPE html><html><body>Please log in</body></html>",
+        );
+
+        assert!(err.is_invalid_response());
+        assert_eq!(err.status(), Some(StatusCode::OK));
+        assert_eq!(err.field(), None);
+        assert_eq!(
+            err.excerpt(),
+            Some("<!DOCTYPE html><html><body>Please log in</body></html>")
+        );
+        assert!(err.to_string().contains("not JSON"), "{err}");
+    }
+
+    #[test]
+    fn f19_form_encoded_token_never_becomes_an_excerpt() {
+        let body = format!("access_token={ACCESS}&token_type=bearer&expires_in=3600 ok");
+
+        let err = parse_err(StatusCode::OK, &body);
+
+        assert!(err.is_invalid_response());
+        assert_eq!(err.excerpt(), None);
+        assert!(!format!("{err} {err:?}").contains(ACCESS));
+    }
+
+    #[test]
+    fn f19_body_with_telltale_words_in_any_case_gets_no_excerpt() {
+        for body in [
+            "Your TOKEN is abc def",
+            "the Secret is x y",
+            "BEARER abc def",
+            "x-refresh_token y",
+        ] {
+            let err = parse_err(StatusCode::BAD_GATEWAY, body);
+
+            assert_eq!(err.excerpt(), None, "{body}");
+        }
+    }
+
+    #[test]
+    fn f19_bare_word_body_gets_no_excerpt_it_may_be_a_token() {
+        let err = parse_err(
+            StatusCode::OK,
+            "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl\n",
+        );
+
+        assert!(err.is_invalid_response());
+        assert_eq!(err.excerpt(), None);
+    }
+
+    #[test]
+    fn f19_json_string_body_gets_no_excerpt_it_may_be_a_token() {
+        let err = parse_err(StatusCode::OK, &format!("\"{ACCESS}\""));
+
+        assert!(err.is_invalid_response());
+        assert_eq!(err.excerpt(), None);
+        assert!(err.to_string().contains("not a JSON object"), "{err}");
+    }
+
+    #[test]
+    fn body_echoing_the_client_secret_gets_no_excerpt() {
+        let err = parse_err(
+            StatusCode::BAD_REQUEST,
+            "bad request: client-s3cret is wrong",
+        );
+
+        assert_eq!(err.excerpt(), None);
+        assert!(!format!("{err} {err:?}").contains("client-s3cret"));
+    }
+
+    #[test]
+    fn empty_error_body_gives_the_status_alone() {
+        let err = parse_err(StatusCode::SERVICE_UNAVAILABLE, "");
+
+        assert!(err.is_endpoint());
+        assert_eq!(err.excerpt(), None);
+        assert_eq!(
+            err.to_string(),
+            "token endpoint refused the request (status 503)"
+        );
+    }
+
+    #[test]
+    fn decimal_seconds_grammar() {
+        assert_eq!(decimal_seconds("0036"), Some(Duration::from_secs(36)));
+        assert_eq!(decimal_seconds("-0"), Some(Duration::ZERO));
+        assert_eq!(decimal_seconds("1.5.5"), None);
+        assert_eq!(decimal_seconds("--1"), None);
+        assert_eq!(
+            decimal_seconds("\u{a0}1"),
+            None,
+            "only ASCII whitespace is trimmed"
+        );
+    }
+}
