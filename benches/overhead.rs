@@ -59,7 +59,8 @@ fn overhead(c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap();
-    let secret = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJiZW5jaCJ9.c2lnbmF0dXJlLW9mLWEtcmVhbGlzdGljLWxlbmd0aA";
+    let secret =
+        "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJiZW5jaCJ9.c2lnbmF0dXJlLW9mLWEtcmVhbGlzdGljLWxlbmd0aA";
 
     let mut bare = inner();
     let mut static_header = SetRequestHeaderLayer::overriding(
@@ -79,11 +80,19 @@ fn overhead(c: &mut Criterion) {
         b.iter_batched(request, |r| drive(&mut bare, r), BatchSize::SmallInput)
     });
     group.bench_function("static_header", |b| {
-        b.iter_batched(request, |r| drive(&mut static_header, r), BatchSize::SmallInput)
+        b.iter_batched(
+            request,
+            |r| drive(&mut static_header, r),
+            BatchSize::SmallInput,
+        )
     });
     group.bench_function("refresh_layer", |b| {
         let _entered = runtime.enter();
-        b.iter_batched(request, |r| drive(&mut refresh_layer, r), BatchSize::SmallInput)
+        b.iter_batched(
+            request,
+            |r| drive(&mut refresh_layer, r),
+            BatchSize::SmallInput,
+        )
     });
     group.bench_function("refresh_layer_no_retry", |b| {
         let _entered = runtime.enter();

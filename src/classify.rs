@@ -172,9 +172,7 @@ fn parse_challenges(text: &str) -> Vec<(String, Vec<(String, String)>)> {
             break;
         }
 
-        let token_len = rest
-            .find(|c: char| !is_token_char(c))
-            .unwrap_or(rest.len());
+        let token_len = rest.find(|c: char| !is_token_char(c)).unwrap_or(rest.len());
         if token_len == 0 {
             // Not a token: skip one character and try again.
             let skip = rest.chars().next().map_or(1, char::len_utf8);
@@ -284,8 +282,7 @@ mod tests {
 
     #[test]
     fn skips_token68_and_escapes() {
-        let value =
-            HeaderValue::from_static(r#"Negotiate abc123==, bearer error="a\"b", scope=x"#);
+        let value = HeaderValue::from_static(r#"Negotiate abc123==, bearer error="a\"b", scope=x"#);
 
         let challenge = Challenge::bearer_from_value(&value).unwrap();
 
@@ -295,11 +292,21 @@ mod tests {
 
     #[test]
     fn garbage_never_panics() {
-        for text in ["", ",,,", "=", "Bearer =", "Bearer a=\"", "\"Bearer\"", "Bearer ,=,=", "Bearer é=ü"] {
+        for text in [
+            "",
+            ",,,",
+            "=",
+            "Bearer =",
+            "Bearer a=\"",
+            "\"Bearer\"",
+            "Bearer ,=,=",
+            "Bearer é=ü",
+        ] {
             let value = HeaderValue::from_bytes(text.as_bytes()).unwrap();
             let _ = Challenge::bearer_from_value(&value);
         }
-        let huge = HeaderValue::from_str(&format!("Bearer error=\"{}\"", "x".repeat(20_000))).unwrap();
+        let huge =
+            HeaderValue::from_str(&format!("Bearer error=\"{}\"", "x".repeat(20_000))).unwrap();
         assert_eq!(Challenge::bearer_from_value(&huge), None);
     }
 
@@ -314,7 +321,10 @@ mod tests {
         );
         let scope = classifier.classify(
             StatusCode::UNAUTHORIZED,
-            &headers(&[("www-authenticate", r#"Bearer error="insufficient_scope", scope="write""#)]),
+            &headers(&[(
+                "www-authenticate",
+                r#"Bearer error="insufficient_scope", scope="write""#,
+            )]),
         );
 
         assert!(plain.rejected);
@@ -331,8 +341,16 @@ mod tests {
             ..Classifier::default()
         };
 
-        assert!(!default.classify(StatusCode::FORBIDDEN, &HeaderMap::new()).rejected);
-        assert!(forbidden.classify(StatusCode::FORBIDDEN, &HeaderMap::new()).rejected);
+        assert!(
+            !default
+                .classify(StatusCode::FORBIDDEN, &HeaderMap::new())
+                .rejected
+        );
+        assert!(
+            forbidden
+                .classify(StatusCode::FORBIDDEN, &HeaderMap::new())
+                .rejected
+        );
     }
 
     #[test]
@@ -353,7 +371,15 @@ mod tests {
             predicate: Some(Arc::new(|status, _| status == StatusCode::IM_A_TEAPOT)),
         };
 
-        assert!(classifier.classify(StatusCode::IM_A_TEAPOT, &HeaderMap::new()).rejected);
-        assert!(!classifier.classify(StatusCode::UNAUTHORIZED, &HeaderMap::new()).rejected);
+        assert!(
+            classifier
+                .classify(StatusCode::IM_A_TEAPOT, &HeaderMap::new())
+                .rejected
+        );
+        assert!(
+            !classifier
+                .classify(StatusCode::UNAUTHORIZED, &HeaderMap::new())
+                .rejected
+        );
     }
 }

@@ -181,13 +181,15 @@ impl Error {
         field: Option<&'static str>,
         message: &'static str,
     ) -> Self {
-        Self::new(Kind::InvalidResponse, is_terminal_status(status) && !status.is_success()).with(
-            |e| {
-                e.status = Some(status);
-                e.field = field;
-                e.message = Some(message);
-            },
+        Self::new(
+            Kind::InvalidResponse,
+            is_terminal_status(status) && !status.is_success(),
         )
+        .with(|e| {
+            e.status = Some(status);
+            e.field = field;
+            e.message = Some(message);
+        })
     }
 
     /// Adds a short excerpt of what the server sent. The text is cut and cleaned here; the
@@ -430,7 +432,10 @@ mod tests {
 
     #[test]
     fn server_errors_and_throttling_are_transient() {
-        for status in [StatusCode::SERVICE_UNAVAILABLE, StatusCode::TOO_MANY_REQUESTS] {
+        for status in [
+            StatusCode::SERVICE_UNAVAILABLE,
+            StatusCode::TOO_MANY_REQUESTS,
+        ] {
             let err = Error::endpoint(status, None, None, None);
             assert!(err.is_transient(), "{status}");
         }
@@ -440,8 +445,8 @@ mod tests {
     fn excerpts_are_cut_and_cleaned() {
         let long = format!("<html>\n{}</html>", "x".repeat(500));
 
-        let err = Error::invalid_response(StatusCode::BAD_GATEWAY, None, "not JSON")
-            .with_excerpt(&long);
+        let err =
+            Error::invalid_response(StatusCode::BAD_GATEWAY, None, "not JSON").with_excerpt(&long);
 
         let excerpt = err.excerpt().unwrap();
         assert!(excerpt.starts_with("<html> xxx"));

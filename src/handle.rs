@@ -108,12 +108,16 @@ impl RefreshHandle {
 
     /// Metadata of the token in service; `None` before the first token.
     pub fn token_info(&self) -> Option<TokenInfo> {
-        self.state.installed().map(|installed| TokenInfo::of(&installed))
+        self.state
+            .installed()
+            .map(|installed| TokenInfo::of(&installed))
     }
 
     /// The token in service, secret included; `None` before the first token.
     pub fn current_token(&self) -> Option<Token> {
-        self.state.installed().map(|installed| installed.token.clone())
+        self.state
+            .installed()
+            .map(|installed| installed.token.clone())
     }
 
     /// Marks the token in service as unusable: the next request waits for a new one.

@@ -6,12 +6,8 @@ use http::{header::AUTHORIZATION, HeaderMap, HeaderName, StatusCode, Uri};
 use tower::Layer;
 
 use crate::{
-    body::ReplayBodies,
-    classify::Classifier,
-    handle::RefreshHandle,
-    service::Refresh,
-    state::TokenState,
-    Error, TokenSource,
+    body::ReplayBodies, classify::Classifier, handle::RefreshHandle, service::Refresh,
+    state::TokenState, Error, TokenSource,
 };
 
 /// Applies [`Refresh`] to a service: every request gets the current token, and a request whose
@@ -181,7 +177,9 @@ impl<R> RefreshLayer<R> {
     /// Default: 120 seconds. Shared by every clone of this layer.
     #[must_use]
     pub fn refresh_ahead(self, ahead: Duration) -> Self {
-        self.common.state.update_settings(|s| s.refresh_ahead = ahead);
+        self.common
+            .state
+            .update_settings(|s| s.refresh_ahead = ahead);
         self
     }
 

@@ -611,12 +611,25 @@ mod tests {
         Arc::clone(&state).renew(0, Cause::FirstUse).await.unwrap();
 
         // Fresh for half the lifetime, stale until the last quarter, expired after.
-        assert_eq!(header_of(state.current()).as_deref(), Some("Bearer token-1"));
+        assert_eq!(
+            header_of(state.current()).as_deref(),
+            Some("Bearer token-1")
+        );
         tokio::time::advance(Duration::from_millis(2100)).await;
-        assert_eq!(header_of(state.current()).as_deref(), Some("Bearer token-1"));
+        assert_eq!(
+            header_of(state.current()).as_deref(),
+            Some("Bearer token-1")
+        );
         tokio::task::yield_now().await;
-        assert_eq!(calls.load(Ordering::SeqCst), 2, "stale token refreshed in background");
-        assert_eq!(header_of(state.current()).as_deref(), Some("Bearer token-2"));
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            2,
+            "stale token refreshed in background"
+        );
+        assert_eq!(
+            header_of(state.current()).as_deref(),
+            Some("Bearer token-2")
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -669,13 +682,26 @@ mod tests {
         });
         let state = Arc::new(TokenState::new(Arc::new(source)));
 
-        let first = Arc::clone(&state).renew(0, Cause::FirstUse).await.unwrap_err();
-        let second = Arc::clone(&state).renew(0, Cause::FirstUse).await.unwrap_err();
+        let first = Arc::clone(&state)
+            .renew(0, Cause::FirstUse)
+            .await
+            .unwrap_err();
+        let second = Arc::clone(&state)
+            .renew(0, Cause::FirstUse)
+            .await
+            .unwrap_err();
         tokio::time::advance(Duration::from_secs(2)).await;
-        let third = Arc::clone(&state).renew(0, Cause::FirstUse).await.unwrap_err();
+        let third = Arc::clone(&state)
+            .renew(0, Cause::FirstUse)
+            .await
+            .unwrap_err();
 
         assert!(first.is_terminal() && second.is_terminal() && third.is_terminal());
-        assert_eq!(calls.load(Ordering::SeqCst), 2, "one call per back-off period");
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            2,
+            "one call per back-off period"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -685,7 +711,10 @@ mod tests {
         state.update_settings(|s| s.refresh_timeout = Duration::from_secs(3));
 
         let started = Instant::now();
-        let err = Arc::clone(&state).renew(0, Cause::FirstUse).await.unwrap_err();
+        let err = Arc::clone(&state)
+            .renew(0, Cause::FirstUse)
+            .await
+            .unwrap_err();
 
         assert!(err.is_timeout());
         assert_eq!(started.elapsed(), Duration::from_secs(3));
@@ -704,7 +733,10 @@ mod tests {
         });
         let state = Arc::new(TokenState::new(Arc::new(source)));
 
-        let first = Arc::clone(&state).renew(0, Cause::FirstUse).await.unwrap_err();
+        let first = Arc::clone(&state)
+            .renew(0, Cause::FirstUse)
+            .await
+            .unwrap_err();
         let second = Arc::clone(&state).renew(0, Cause::FirstUse).await.unwrap();
 
         assert!(first.is_aborted());
@@ -713,7 +745,12 @@ mod tests {
 
     #[test]
     fn hostile_tokens_are_refused_without_echoing_them() {
-        for secret in ["a\r\nX-Evil: 1", "tab\there", "é", &"x".repeat(MAX_HEADER_LEN)] {
+        for secret in [
+            "a\r\nX-Evil: 1",
+            "tab\there",
+            "é",
+            &"x".repeat(MAX_HEADER_LEN),
+        ] {
             let err = header_value(&Token::new(secret), Some("Bearer")).unwrap_err();
             assert!(err.is_invalid_token());
             assert!(!err.to_string().contains(secret));

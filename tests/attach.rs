@@ -137,7 +137,9 @@ async fn r13_composes_with_timeouts_limits_buffers_and_boxing() {
     let calls = (0..32).map(|_| service.clone().oneshot(get(&api.url("/"))));
     let responses = futures_join_all(calls).await;
 
-    assert!(responses.iter().all(|r| r.as_ref().unwrap().status() == StatusCode::OK));
+    assert!(responses
+        .iter()
+        .all(|r| r.as_ref().unwrap().status() == StatusCode::OK));
     assert_eq!(api.hits(), 32);
     assert_eq!(tokens.calls(), 1);
 }
@@ -164,7 +166,9 @@ fn r13_layer_service_and_future_are_send_and_sync_where_it_matters() {
 }
 
 /// Runs futures concurrently on the current task, without a futures dependency.
-async fn futures_join_all<F: std::future::Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
+async fn futures_join_all<F: std::future::Future>(
+    futures: impl Iterator<Item = F>,
+) -> Vec<F::Output>
 where
     F: Send + 'static,
     F::Output: Send + 'static,

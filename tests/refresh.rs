@@ -69,7 +69,9 @@ async fn r3_a_thousand_calls_meeting_an_expired_token_cause_one_refresh() {
         async move {
             tokio::time::sleep(Duration::from_millis(50)).await;
             let lifetime = if n == 1 { 0 } else { 3600 };
-            Ok::<_, Error>(Token::new(format!("token-{n}")).with_expires_in(Duration::from_secs(lifetime)))
+            Ok::<_, Error>(
+                Token::new(format!("token-{n}")).with_expires_in(Duration::from_secs(lifetime)),
+            )
         }
     });
     let layer = RefreshLayer::new(source);
@@ -86,7 +88,11 @@ async fn r3_a_thousand_calls_meeting_an_expired_token_cause_one_refresh() {
     }
 
     assert!(statuses.iter().all(|s| *s == StatusCode::OK));
-    assert_eq!(calls.load(Ordering::SeqCst), 2, "one refresh for a thousand callers");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "one refresh for a thousand callers"
+    );
     assert_eq!(api.hits(), 1000, "nobody sent the expired token");
     let stats = handle.stats();
     assert_eq!(stats.refreshes, 2);
@@ -116,10 +122,18 @@ async fn f03_a_token_expired_on_arrival_is_used_once_without_a_loop() {
         assert_eq!(call.await.unwrap().unwrap().status(), StatusCode::OK);
     }
     let after_first_round = calls.load(Ordering::SeqCst);
-    service.clone().oneshot(get("http://api.test/")).await.unwrap();
+    service
+        .clone()
+        .oneshot(get("http://api.test/"))
+        .await
+        .unwrap();
 
     assert_eq!(after_first_round, 1, "ten waiters share one fetch");
-    assert_eq!(calls.load(Ordering::SeqCst), 2, "one fetch per triggering call");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "one fetch per triggering call"
+    );
     let seen = seen.lock().unwrap().clone();
     assert_eq!(seen[..10], vec!["token-1".to_owned(); 10]);
     assert_eq!(seen[10], "token-2");
@@ -159,7 +173,11 @@ async fn f13_the_default_margin_replaces_a_token_with_twelve_seconds_left() {
     tokio::time::advance(Duration::from_secs(3600 - 12)).await;
     service.oneshot(get("http://api.test/")).await.unwrap();
 
-    assert_eq!(*seen.lock().unwrap(), ["token-2"], "the old token is not sent");
+    assert_eq!(
+        *seen.lock().unwrap(),
+        ["token-2"],
+        "the old token is not sent"
+    );
     assert_eq!(tokens.calls(), 2);
 }
 
@@ -167,9 +185,8 @@ async fn f13_the_default_margin_replaces_a_token_with_twelve_seconds_left() {
 async fn r2_a_stale_token_is_used_while_one_background_refresh_runs() {
     let seen = Recorder::default();
     let tokens = Counting::new();
-    let layer = RefreshLayer::new(
-        tokens.source(Some(Duration::from_secs(3600)), Duration::from_secs(2)),
-    );
+    let layer =
+        RefreshLayer::new(tokens.source(Some(Duration::from_secs(3600)), Duration::from_secs(2)));
     let handle = layer.handle();
     let service = ServiceBuilder::new()
         .layer(layer)
@@ -180,13 +197,25 @@ async fn r2_a_stale_token_is_used_while_one_background_refresh_runs() {
     tokio::time::advance(Duration::from_secs(3600 - 100)).await;
     let started = Instant::now();
     for _ in 0..5 {
-        service.clone().oneshot(get("http://api.test/")).await.unwrap();
+        service
+            .clone()
+            .oneshot(get("http://api.test/"))
+            .await
+            .unwrap();
     }
     let waited = started.elapsed();
     tokio::time::sleep(Duration::from_secs(3)).await;
-    service.clone().oneshot(get("http://api.test/")).await.unwrap();
+    service
+        .clone()
+        .oneshot(get("http://api.test/"))
+        .await
+        .unwrap();
 
-    assert_eq!(waited, Duration::ZERO, "nobody waited for the background refresh");
+    assert_eq!(
+        waited,
+        Duration::ZERO,
+        "nobody waited for the background refresh"
+    );
     assert_eq!(tokens.calls(), 2, "one background refresh");
     assert_eq!(
         *seen.lock().unwrap(),
@@ -220,13 +249,25 @@ async fn r9_a_failed_background_refresh_keeps_the_valid_token_in_service() {
     tokio::time::sleep(Duration::from_millis(10)).await;
     let failures = handle.stats().failures;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    service.clone().oneshot(get("http://api.test/")).await.unwrap();
+    service
+        .clone()
+        .oneshot(get("http://api.test/"))
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(10)).await;
-    service.clone().oneshot(get("http://api.test/")).await.unwrap();
+    service
+        .clone()
+        .oneshot(get("http://api.test/"))
+        .await
+        .unwrap();
 
     assert_eq!(during_failure.unwrap().status(), StatusCode::OK);
     assert_eq!(failures, 1);
-    assert_eq!(calls.load(Ordering::SeqCst), 3, "tried again after the back-off");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        3,
+        "tried again after the back-off"
+    );
     assert_eq!(*seen.lock().unwrap(), ["token-1", "token-1", "token-3"]);
 }
 
@@ -253,11 +294,21 @@ async fn r4_a_caller_that_gives_up_does_not_cancel_the_refresh() {
     let started = Instant::now();
     let patient = service.oneshot(get("http://api.test/")).await;
 
-    assert!(impatient.unwrap_err().is::<tower::timeout::error::Elapsed>());
+    assert!(impatient
+        .unwrap_err()
+        .is::<tower::timeout::error::Elapsed>());
     assert_eq!(patient.unwrap().status(), StatusCode::OK);
-    assert_eq!(started.elapsed(), Duration::ZERO, "the token was already there");
+    assert_eq!(
+        started.elapsed(),
+        Duration::ZERO,
+        "the token was already there"
+    );
     let token = handle.current_token().unwrap();
-    assert_eq!(token.expose_refresh_token(), Some("refresh-2"), "nothing lost");
+    assert_eq!(
+        token.expose_refresh_token(),
+        Some("refresh-2"),
+        "nothing lost"
+    );
     assert_eq!(handle.token_info().unwrap().generation, 1);
 }
 
@@ -279,7 +330,10 @@ async fn r4_no_caller_waits_longer_than_the_refresh_timeout() {
     }
 
     assert_eq!(started.elapsed(), Duration::from_secs(2));
-    assert!(seen.lock().unwrap().is_empty(), "nothing sent without a token");
+    assert!(
+        seen.lock().unwrap().is_empty(),
+        "nothing sent without a token"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -293,11 +347,19 @@ async fn r12_invalidate_subscribe_and_inspect_through_the_handle() {
         .layer(layer)
         .service(recording_service(Arc::clone(&seen), &[]));
 
-    service.clone().oneshot(get("http://api.test/")).await.unwrap();
+    service
+        .clone()
+        .oneshot(get("http://api.test/"))
+        .await
+        .unwrap();
     let first = updates.next().await.unwrap();
     handle.invalidate();
     assert!(handle.token_info().unwrap().invalidated);
-    service.clone().oneshot(get("http://api.test/")).await.unwrap();
+    service
+        .clone()
+        .oneshot(get("http://api.test/"))
+        .await
+        .unwrap();
     let second = updates.next().await.unwrap();
     let forced = handle.refresh().await.unwrap();
 

@@ -49,7 +49,10 @@ async fn f15_invalid_token_refreshes_even_when_locally_fresh() {
     assert_eq!(bearers, ["token-1", "token-2"], "a refresh, not a resend");
     assert_eq!(tokens.calls(), 2);
     let stats = handle.stats();
-    assert_eq!((stats.rejections, stats.retries, stats.refreshes), (1, 1, 2));
+    assert_eq!(
+        (stats.rejections, stats.retries, stats.refreshes),
+        (1, 1, 2)
+    );
 }
 
 #[tokio::test]
@@ -217,7 +220,10 @@ async fn f16_a_post_is_replayed_with_identical_method_uri_headers_and_body() {
         headers.remove(http::header::AUTHORIZATION);
         headers
     };
-    assert_eq!(without_token(retry.headers.clone()), without_token(first.headers));
+    assert_eq!(
+        without_token(retry.headers.clone()),
+        without_token(first.headers)
+    );
     assert_eq!(retry.authorizations(), ["Bearer token-2"]);
 }
 
@@ -249,7 +255,10 @@ async fn f16_a_streaming_body_gets_the_rejection_back_not_an_empty_retry() {
     let client: Client<_, BoxBody<Bytes, BoxError>> =
         Client::builder(TokioExecutor::new()).build_http();
     let service = ServiceBuilder::new().layer(layer).service(client);
-    let chunks = Chunks(vec![Bytes::from_static(b"part one, "), Bytes::from_static(b"part two")]);
+    let chunks = Chunks(vec![
+        Bytes::from_static(b"part one, "),
+        Bytes::from_static(b"part two"),
+    ]);
     let request = Request::post(api.url("/upload"))
         .body(chunks.boxed())
         .unwrap();
@@ -296,7 +305,11 @@ async fn f08_late_rejection_of_old_token_retries_without_refresh() {
     while api.hits() == 0 {
         tokio::task::yield_now().await;
     }
-    let fast = service.clone().oneshot(get(&api.url("/fast"))).await.unwrap();
+    let fast = service
+        .clone()
+        .oneshot(get(&api.url("/fast")))
+        .await
+        .unwrap();
     release.notify_one();
     let slow = slow.await.unwrap().unwrap();
 
@@ -366,7 +379,9 @@ async fn r9_a_failed_refresh_after_a_rejection_is_a_typed_error_and_nothing_is_r
             if n == 0 {
                 Ok(Token::new("first"))
             } else {
-                Err(Error::terminal(std::io::Error::other("credentials revoked")))
+                Err(Error::terminal(std::io::Error::other(
+                    "credentials revoked",
+                )))
             }
         }
     });
@@ -379,5 +394,9 @@ async fn r9_a_failed_refresh_after_a_rejection_is_a_typed_error_and_nothing_is_r
     let error = error.downcast::<Error>().unwrap();
     assert!(error.is_terminal());
     assert!(error.is_source());
-    assert_eq!(api.hits(), 1, "the request is not sent again without a new token");
+    assert_eq!(
+        api.hits(),
+        1,
+        "the request is not sent again without a new token"
+    );
 }

@@ -66,7 +66,10 @@ async fn rotating_server(books: Arc<Mutex<Books>>) -> TestServer {
 
 /// A refresh-token source written with `from_fn`: it starts from persisted credentials
 /// (A1, already expired or not, and R1) and rotates through the server afterwards.
-fn rotating_source(token_url: String, first_lifetime: Duration) -> impl tower_token_refresh::TokenSource {
+fn rotating_source(
+    token_url: String,
+    first_lifetime: Duration,
+) -> impl tower_token_refresh::TokenSource {
     let http = client();
     source::from_fn(move |previous: Option<Token>| {
         let http = http.clone();
@@ -77,7 +80,10 @@ fn rotating_source(token_url: String, first_lifetime: Duration) -> impl tower_to
                     .with_expires_in(first_lifetime)
                     .with_refresh_token("R1"));
             };
-            let refresh_token = previous.expose_refresh_token().unwrap_or_default().to_owned();
+            let refresh_token = previous
+                .expose_refresh_token()
+                .unwrap_or_default()
+                .to_owned();
             let request = Request::post(token_url)
                 .header("content-type", "application/x-www-form-urlencoded")
                 .body(Full::new(Bytes::from(format!(
@@ -86,7 +92,12 @@ fn rotating_source(token_url: String, first_lifetime: Duration) -> impl tower_to
                 .unwrap();
             let response = http.request(request).await.map_err(Error::transient)?;
             let status = response.status();
-            let body = response.into_body().collect().await.map_err(Error::transient)?.to_bytes();
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(Error::transient)?
+                .to_bytes();
             if !status.is_success() {
                 return Err(Error::terminal(format!("token endpoint answered {status}")));
             }
@@ -100,7 +111,17 @@ fn rotating_source(token_url: String, first_lifetime: Duration) -> impl tower_to
     })
 }
 
-fn valid_tokens_api(books: Arc<Mutex<Books>>, hold_a1: Option<Arc<(Notify, Mutex<usize>)>>) -> impl Fn(common::Recorded) -> std::pin::Pin<Box<dyn std::future::Future<Output = http::Response<Full<Bytes>>> + Send>> + Clone + Send + Sync + 'static {
+fn valid_tokens_api(
+    books: Arc<Mutex<Books>>,
+    hold_a1: Option<Arc<(Notify, Mutex<usize>)>>,
+) -> impl Fn(
+    common::Recorded,
+) -> std::pin::Pin<
+    Box<dyn std::future::Future<Output = http::Response<Full<Bytes>>> + Send>,
+> + Clone
+       + Send
+       + Sync
+       + 'static {
     move |request| {
         let books = Arc::clone(&books);
         let hold_a1 = hold_a1.clone();
@@ -169,7 +190,10 @@ async fn f07a_expiry_noticed_before_sending_one_rotation_for_ten_calls() {
 
     assert_eq!(statuses, vec![StatusCode::OK; 10]);
     assert_eq!(auth.hits(), 1, "one call to the authorization server");
-    assert!(api.recorded().iter().all(|r| r.bearer().as_deref() == Some("A2")));
+    assert!(api
+        .recorded()
+        .iter()
+        .all(|r| r.bearer().as_deref() == Some("A2")));
     let stored = handle.current_token().unwrap();
     assert_eq!(stored.expose_refresh_token(), Some("R2"));
 }
@@ -183,7 +207,10 @@ async fn f07b_ten_rejections_of_the_same_token_one_rotation() {
     let auth = rotating_server(Arc::clone(&books)).await;
     let hold = Arc::new((Notify::new(), Mutex::new(0)));
     let api = TestServer::start(valid_tokens_api(Arc::clone(&books), Some(hold))).await;
-    let layer = RefreshLayer::new(rotating_source(auth.url("/token"), Duration::from_secs(3600)));
+    let layer = RefreshLayer::new(rotating_source(
+        auth.url("/token"),
+        Duration::from_secs(3600),
+    ));
     let handle = layer.handle();
     handle.refresh().await.unwrap();
     let service = ServiceBuilder::new().layer(layer).service(client());
@@ -193,9 +220,24 @@ async fn f07b_ten_rejections_of_the_same_token_one_rotation() {
     assert_eq!(statuses, vec![StatusCode::OK; 10]);
     assert_eq!(auth.hits(), 1, "one call to the authorization server");
     let recorded = api.recorded();
-    assert_eq!(recorded.iter().filter(|r| r.bearer().as_deref() == Some("A1")).count(), 10);
-    assert_eq!(recorded.iter().filter(|r| r.bearer().as_deref() == Some("A2")).count(), 10);
-    assert_eq!(handle.current_token().unwrap().expose_refresh_token(), Some("R2"));
+    assert_eq!(
+        recorded
+            .iter()
+            .filter(|r| r.bearer().as_deref() == Some("A1"))
+            .count(),
+        10
+    );
+    assert_eq!(
+        recorded
+            .iter()
+            .filter(|r| r.bearer().as_deref() == Some("A2"))
+            .count(),
+        10
+    );
+    assert_eq!(
+        handle.current_token().unwrap().expose_refresh_token(),
+        Some("R2")
+    );
     let stats = handle.stats();
     assert_eq!((stats.rejections, stats.retries), (10, 10));
 }

@@ -73,7 +73,11 @@ async fn r10_r11_secrets_stay_out_of_logs_debug_output_and_errors() {
     let response = service.clone().oneshot(get(&api.url("/"))).await.unwrap();
     assert_eq!(response.status(), http::StatusCode::OK);
     handle.invalidate();
-    let error = service.clone().oneshot(get(&api.url("/"))).await.unwrap_err();
+    let error = service
+        .clone()
+        .oneshot(get(&api.url("/")))
+        .await
+        .unwrap_err();
 
     let mut texts = vec![
         String::from_utf8(sink.0.lock().unwrap().clone()).unwrap(),

@@ -40,8 +40,7 @@ pub trait TokenSource: Send + Sync + 'static {
     ///
     /// Return [`Error::terminal`] when trying again cannot help (revoked credentials) and
     /// [`Error::transient`] otherwise. The error reaches every caller waiting for this refresh.
-    fn fetch(&self, previous: Option<&Token>)
-        -> impl Future<Output = Result<Token, Error>> + Send;
+    fn fetch(&self, previous: Option<&Token>) -> impl Future<Output = Result<Token, Error>> + Send;
 }
 
 /// A boxed future of a fetch, owned by the refresh task.
@@ -100,12 +99,12 @@ where
     Fut: Future<Output = Result<Token, E>> + Send + 'static,
     E: Into<BoxError>,
 {
-    fn fetch(
-        &self,
-        previous: Option<&Token>,
-    ) -> impl Future<Output = Result<Token, Error>> + Send {
+    fn fetch(&self, previous: Option<&Token>) -> impl Future<Output = Result<Token, Error>> + Send {
         let fut = (self.f)(previous.cloned());
-        async move { fut.await.map_err(|err| Error::from_boxed(err.into(), false)) }
+        async move {
+            fut.await
+                .map_err(|err| Error::from_boxed(err.into(), false))
+        }
     }
 }
 
