@@ -1,3 +1,4 @@
+#![allow(missing_docs)]
 //! The cost the layer adds to one request on the fresh-token path, next to the bare inner
 //! service and a static header, measured in the same run.
 //!

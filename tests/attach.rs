@@ -166,11 +166,9 @@ fn r13_layer_service_and_future_are_send_and_sync_where_it_matters() {
 }
 
 /// Runs futures concurrently on the current task, without a futures dependency.
-async fn futures_join_all<F: std::future::Future>(
-    futures: impl Iterator<Item = F>,
-) -> Vec<F::Output>
+async fn futures_join_all<F>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
 where
-    F: Send + 'static,
+    F: std::future::Future + Send + 'static,
     F::Output: Send + 'static,
 {
     let handles: Vec<_> = futures.map(tokio::spawn).collect();

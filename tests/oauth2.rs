@@ -244,7 +244,7 @@ async fn f11_a_token_endpoint_that_resets_the_connection_is_a_transport_error() 
     let resetter = tokio::spawn(async move {
         loop {
             let (socket, _) = listener.accept().await.unwrap();
-            socket.set_linger(Some(Duration::ZERO)).unwrap();
+            socket.set_zero_linger().unwrap();
             drop(socket);
         }
     });
