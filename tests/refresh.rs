@@ -17,7 +17,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use tokio::time::Instant;
 use tower::{service_fn, ServiceBuilder, ServiceExt};
-use tower_token_refresh::{source, Error, RefreshLayer, Token};
+use tower_token_refresh::{source, source::oauth2::ClientCredentials, Error, RefreshLayer, Token};
 
 type Recorder = Arc<Mutex<Vec<String>>>;
 
@@ -61,19 +61,26 @@ async fn r3_a_thousand_calls_meeting_an_expired_token_cause_one_refresh() {
         }
     })
     .await;
-    let calls = Arc::new(AtomicUsize::new(0));
-    let counter = Arc::clone(&calls);
-    // The first token is expired on arrival; the second lives an hour.
-    let source = source::from_fn(move |_previous| {
+    // A token endpoint whose first token is expired on arrival and whose second lives an
+    // hour; it takes 50 ms to answer.
+    let issued = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&issued);
+    let auth = TestServer::start(move |_| {
         let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
         async move {
             tokio::time::sleep(Duration::from_millis(50)).await;
             let lifetime = if n == 1 { 0 } else { 3600 };
-            Ok::<_, Error>(
-                Token::new(format!("token-{n}")).with_expires_in(Duration::from_secs(lifetime)),
+            common::respond(
+                StatusCode::OK,
+                &[("content-type", "application/json")],
+                &format!(r#"{{"access_token":"token-{n}","token_type":"Bearer","expires_in":{lifetime}}}"#),
             )
         }
-    });
+    })
+    .await;
+    let source = ClientCredentials::builder(auth.url("/token"), "client", "secret")
+        .build()
+        .unwrap();
     let layer = RefreshLayer::new(source);
     let handle = layer.handle();
     handle.refresh().await.unwrap();
@@ -88,11 +95,7 @@ async fn r3_a_thousand_calls_meeting_an_expired_token_cause_one_refresh() {
     }
 
     assert!(statuses.iter().all(|s| *s == StatusCode::OK));
-    assert_eq!(
-        calls.load(Ordering::SeqCst),
-        2,
-        "one refresh for a thousand callers"
-    );
+    assert_eq!(auth.hits(), 2, "one token request for a thousand callers");
     assert_eq!(api.hits(), 1000, "nobody sent the expired token");
     let stats = handle.stats();
     assert_eq!(stats.refreshes, 2);
