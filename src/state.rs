@@ -495,13 +495,13 @@ impl TokenState {
         }
         sender.send_replace(Some(outcome));
 
-        // A failed background refresh may be tried again once the back-off is over.
+        // NOTE: a stale token may ask for a background refresh again once the back-off is
+        // over, whichever refresh failed: one that the stale path asked for during the
+        // back-off met the remembered failure and started nothing.
         if let Some(backoff) = backoff {
-            if let Some(current) = self.installed() {
-                if current.generation == replaces && current.background.load(Ordering::Relaxed) {
-                    tokio::time::sleep(backoff).await;
-                    current.background.store(false, Ordering::Relaxed);
-                }
+            if let Some(current) = self.installed().filter(|c| c.generation == replaces) {
+                tokio::time::sleep(backoff).await;
+                current.background.store(false, Ordering::Relaxed);
             }
         }
     }

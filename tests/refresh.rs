@@ -375,3 +375,53 @@ async fn r12_invalidate_subscribe_and_inspect_through_the_handle() {
     assert!(!format!("{info:?}").contains("token-3"));
     assert!(!format!("{handle:?}").contains("token-3"));
 }
+
+#[tokio::test(start_paused = true)]
+async fn r9_a_stale_token_refreshes_in_background_after_a_failed_forced_refresh() {
+    let seen = Recorder::default();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&calls);
+    let source = source::from_fn(move |_previous| {
+        let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+        async move {
+            if n == 2 {
+                return Err(Error::transient(std::io::Error::other("endpoint down")));
+            }
+            Ok(Token::new(format!("token-{n}")).with_expires_in(Duration::from_secs(600)))
+        }
+    });
+    let layer = RefreshLayer::new(source);
+    let handle = layer.handle();
+    let service = ServiceBuilder::new()
+        .layer(layer)
+        .service(recording_service(Arc::clone(&seen), &[]));
+    handle.refresh().await.unwrap();
+
+    // The token is stale; a forced refresh fails, and a request meets the back-off.
+    tokio::time::advance(Duration::from_secs(490)).await;
+    handle.refresh().await.unwrap_err();
+    service
+        .clone()
+        .oneshot(get("http://api.test/"))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    service
+        .clone()
+        .oneshot(get("http://api.test/"))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    service
+        .clone()
+        .oneshot(get("http://api.test/"))
+        .await
+        .unwrap();
+
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        3,
+        "the stale token was refreshed"
+    );
+    assert_eq!(*seen.lock().unwrap(), ["token-1", "token-1", "token-3"]);
+}
