@@ -319,7 +319,7 @@ impl ClientCredentialsBuilder {
         check_token_url(&token_url, self.allow_insecure_http)?;
         let transport = match self.transport {
             Some(transport) => transport,
-            None => default_transport(&token_url)?,
+            None => transport::default_for(&token_url)?,
         };
 
         let mut params = Vec::with_capacity(self.params.len() + 1);
@@ -434,24 +434,6 @@ fn is_loopback(host: &str) -> bool {
         .and_then(|host| host.strip_suffix(']'))
         .unwrap_or(host);
     literal.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
-}
-
-#[cfg(feature = "hyper-client")]
-fn default_transport(token_url: &Uri) -> Result<Transport, Error> {
-    if token_url.scheme_str() != Some("http") {
-        return Err(Error::config(
-            "the default transport speaks plain http only; pass a TLS-capable client to \
-             transport() for an https token URL",
-        ));
-    }
-    Ok(transport::default_transport())
-}
-
-#[cfg(not(feature = "hyper-client"))]
-fn default_transport(_token_url: &Uri) -> Result<Transport, Error> {
-    Err(Error::config(
-        "no transport: pass one to transport() or enable the hyper-client feature",
-    ))
 }
 
 #[cfg(test)]

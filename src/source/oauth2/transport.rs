@@ -2,12 +2,12 @@
 //! erased, and the default one.
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::{Request, Response, Uri};
 use http_body::Body;
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full};
 use tower::{util::BoxCloneSyncService, Service, ServiceExt};
 
-use crate::BoxError;
+use crate::{BoxError, Error};
 
 /// A response body of any transport.
 pub(super) type ResponseBody = UnsyncBoxBody<Bytes, BoxError>;
@@ -44,6 +44,26 @@ pub(super) fn default_transport() -> Transport {
     let client: Client<HttpConnector, Full<Bytes>> =
         Client::builder(TokioExecutor::new()).build(HttpConnector::new());
     erase(client)
+}
+
+/// The default transport for `token_url`, or why there is none.
+#[cfg(feature = "hyper-client")]
+pub(super) fn default_for(token_url: &Uri) -> Result<Transport, Error> {
+    if token_url.scheme_str() != Some("http") {
+        return Err(Error::config(
+            "the default transport speaks plain http only; pass a TLS-capable client to \
+             transport() for an https token URL",
+        ));
+    }
+    Ok(default_transport())
+}
+
+/// The default transport for `token_url`, or why there is none.
+#[cfg(not(feature = "hyper-client"))]
+pub(super) fn default_for(_token_url: &Uri) -> Result<Transport, Error> {
+    Err(Error::config(
+        "no transport: pass one to transport() or enable the hyper-client feature",
+    ))
 }
 
 /// Why a response body could not be read.
