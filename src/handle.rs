@@ -6,7 +6,7 @@ use std::{
     time::Duration,
 };
 
-use tokio::{sync::watch, time::Instant};
+use tokio::{sync::broadcast, time::Instant};
 
 use crate::{
     state::{Installed, TokenState},
@@ -136,11 +136,11 @@ impl RefreshHandle {
         Ok(TokenInfo::of(&installed))
     }
 
-    /// A stream of newly installed tokens, e.g. to persist a rotated refresh token.
+    /// A stream of the tokens installed from now on, e.g. to persist a rotated refresh token.
     pub fn subscribe(&self) -> TokenUpdates {
-        let mut receiver = self.state.subscribe();
-        receiver.mark_unchanged();
-        TokenUpdates { receiver }
+        TokenUpdates {
+            receiver: self.state.subscribe(),
+        }
     }
 }
 
@@ -152,20 +152,27 @@ impl fmt::Debug for RefreshHandle {
     }
 }
 
-/// Newly installed tokens; see [`RefreshHandle::subscribe`].
+/// Newly installed tokens, each once and in the order they were installed; see
+/// [`RefreshHandle::subscribe`].
 ///
-/// A subscriber that falls behind sees the newest token, not every one in between.
+/// A subscriber that falls more than 64 tokens behind skips the oldest ones it missed.
 pub struct TokenUpdates {
-    receiver: watch::Receiver<Option<Arc<Installed>>>,
+    receiver: broadcast::Receiver<Token>,
 }
 
 impl TokenUpdates {
     /// Waits for the next installed token. Returns `None` once the layer and all its
     /// services and handles are gone.
     pub async fn next(&mut self) -> Option<Token> {
-        self.receiver.changed().await.ok()?;
-        let installed = self.receiver.borrow_and_update().clone();
-        installed.map(|installed| installed.token.clone())
+        loop {
+            match self.receiver.recv().await {
+                Ok(token) => return Some(token),
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    tracing::warn!(missed, "token subscriber fell behind, skipping tokens");
+                }
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
     }
 }
 

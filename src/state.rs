@@ -21,10 +21,16 @@ use std::{
 
 use arc_swap::ArcSwapOption;
 use http::HeaderValue;
-use tokio::{sync::watch, time::Instant};
+use tokio::{
+    sync::{broadcast, watch},
+    time::Instant,
+};
 use tracing::Instrument;
 
 use crate::{source::DynSource, Error, Token};
+
+/// How many installed tokens a subscriber may fall behind before it misses the oldest.
+const UPDATES_CAPACITY: usize = 64;
 
 /// The longest header value a token may make; longer tokens are refused.
 pub(crate) const MAX_HEADER_LEN: usize = 32 * 1024;
@@ -122,6 +128,10 @@ impl Installed {
                 (Some(at(ahead)), Some(at(margin)))
             }
         };
+        let stale_at = match (stale_at, token.refresh_at()) {
+            (Some(stale_at), Some(asked)) => Some(stale_at.min(asked)),
+            (stale_at, asked) => stale_at.or(asked),
+        };
 
         Ok(Self {
             generation,
@@ -142,17 +152,18 @@ impl Installed {
         if self.invalidated.load(Ordering::Relaxed) {
             return Freshness::Expired;
         }
-        let (Some(stale_at), Some(expired_at)) = (self.stale_at, self.expired_at) else {
+        if self.stale_at.is_none() {
+            // NOTE: `expired_at` is set only with `stale_at`: no deadline, no clock read.
             return Freshness::Fresh;
-        };
+        }
 
         let now = Instant::now();
-        if now < stale_at {
-            Freshness::Fresh
-        } else if now < expired_at {
+        if self.expired_at.is_some_and(|expired_at| now >= expired_at) {
+            Freshness::Expired
+        } else if self.stale_at.is_some_and(|stale_at| now >= stale_at) {
             Freshness::Stale
         } else {
-            Freshness::Expired
+            Freshness::Fresh
         }
     }
 }
@@ -240,7 +251,7 @@ pub(crate) struct TokenState {
     source: Arc<dyn DynSource>,
     settings: Mutex<Settings>,
     pub(crate) counters: Counters,
-    installed: watch::Sender<Option<Arc<Installed>>>,
+    updates: broadcast::Sender<Token>,
 }
 
 impl fmt::Debug for TokenState {
@@ -260,7 +271,7 @@ impl TokenState {
             source,
             settings: Mutex::new(Settings::default()),
             counters: Counters::default(),
-            installed: watch::Sender::new(None),
+            updates: broadcast::Sender::new(UPDATES_CAPACITY),
         }
     }
 
@@ -343,8 +354,8 @@ impl TokenState {
     }
 
     /// Subscribes to installed tokens.
-    pub(crate) fn subscribe(&self) -> watch::Receiver<Option<Arc<Installed>>> {
-        self.installed.subscribe()
+    pub(crate) fn subscribe(&self) -> broadcast::Receiver<Token> {
+        self.updates.subscribe()
     }
 
     fn refresh_in_background(self: &Arc<Self>, installed: &Installed) {
@@ -486,7 +497,9 @@ impl TokenState {
                     expires_in_s = installed.token.expires_in().map(|d| d.as_secs()),
                     "token refreshed"
                 );
-                self.installed.send_replace(Some(Arc::clone(installed)));
+                // NOTE: sent while no other flight can run, so subscribers see tokens in the
+                // order they were installed. No subscriber is not an error.
+                let _ = self.updates.send(installed.token.clone());
             }
             Err(error) => {
                 Counters::bump(&self.counters.failures);
@@ -646,6 +659,37 @@ mod tests {
                 cause: Cause::Expired
             }
         ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_source_can_ask_to_be_asked_again_before_expiry() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&calls);
+        let source = source::from_fn(move |_previous| {
+            let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+            async move {
+                let asked = Instant::now() + Duration::from_secs(30);
+                Ok::<_, Error>(Token::new(format!("token-{n}")).with_refresh_at(asked))
+            }
+        });
+        let state = Arc::new(TokenState::new(Arc::new(source)));
+        Arc::clone(&state).renew(0, Cause::FirstUse).await.unwrap();
+
+        assert_eq!(
+            header_of(state.current()).as_deref(),
+            Some("Bearer token-1")
+        );
+        tokio::time::advance(Duration::from_secs(31)).await;
+        assert_eq!(
+            header_of(state.current()).as_deref(),
+            Some("Bearer token-1")
+        );
+        tokio::task::yield_now().await;
+        assert_eq!(
+            header_of(state.current()).as_deref(),
+            Some("Bearer token-2")
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test(start_paused = true)]

@@ -33,6 +33,7 @@ pub struct Token {
     secret: Arc<str>,
     token_type: Option<Arc<str>>,
     expires_at: Option<Instant>,
+    refresh_at: Option<Instant>,
     refresh_token: Option<Arc<str>>,
     scopes: Arc<[String]>,
 }
@@ -47,6 +48,7 @@ impl Token {
             secret: Arc::from(secret.into()),
             token_type: None,
             expires_at: None,
+            refresh_at: None,
             refresh_token: None,
             scopes: Arc::new([]),
         }
@@ -73,6 +75,17 @@ impl Token {
     #[must_use]
     pub fn with_expires_at(mut self, expires_at: Instant) -> Self {
         self.expires_at = Some(expires_at);
+        self
+    }
+
+    /// Asks the layer to replace the token in the background from `refresh_at` on, even if it
+    /// expires later or its expiry is unknown. The token stays in service meanwhile.
+    ///
+    /// Sources whose tokens can change without notice use it to be asked again: a token file
+    /// that a sidecar rewrites, say.
+    #[must_use]
+    pub fn with_refresh_at(mut self, refresh_at: Instant) -> Self {
+        self.refresh_at = Some(refresh_at);
         self
     }
 
@@ -124,6 +137,12 @@ impl Token {
     /// The moment the token expires, when known.
     pub fn expires_at(&self) -> Option<Instant> {
         self.expires_at
+    }
+
+    /// The moment from which the source asked to be asked again, if it did; see
+    /// [`Token::with_refresh_at`].
+    pub fn refresh_at(&self) -> Option<Instant> {
+        self.refresh_at
     }
 
     /// The time left until expiry: `Some(Duration::ZERO)` for an expired token, `None` when
