@@ -121,8 +121,10 @@ impl Challenge {
         if bytes.len() > MAX_CHALLENGE_LEN {
             return None;
         }
-        let text = std::str::from_utf8(bytes).ok()?;
-        parse_challenges(text)
+        // NOTE: obs-text (bytes over 0x7f) is legal in quoted strings; it is kept as
+        // replacement characters rather than losing the whole header.
+        let text = String::from_utf8_lossy(bytes);
+        parse_challenges(&text)
             .into_iter()
             .find(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
             .map(|(_, params)| Self { params })

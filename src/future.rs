@@ -18,7 +18,7 @@ use tower::Service;
 use crate::{
     layer::Common,
     service::Retried,
-    state::{Cause, Counters, Installed},
+    state::{Cause, Counters, Installed, TokenState},
     BoxError, Error,
 };
 
@@ -182,11 +182,7 @@ where
 
                     tracing::debug!(generation, "token rejected, retrying with a new one");
                     let body = response.into_body();
-                    let token = Box::pin(async move {
-                        let (_, renewed) =
-                            tokio::join!(drain(body), state.renew(generation, Cause::Rejected));
-                        renewed
-                    });
+                    let token = Box::pin(renew_while_draining(state, generation, body));
                     this.state.set(State::Renewing { token });
                 }
                 StateProj::Renewing { token } => {
@@ -257,6 +253,28 @@ fn judge<ResBody>(common: &Common, response: &mut Response<ResBody>) -> bool {
         Counters::bump(&common.state.counters.rejections);
     }
     verdict.rejected
+}
+
+/// Waits for a token that replaces `generation`, reading the rejected body meanwhile; the
+/// body is dropped unread as soon as the token is there, so that a slow body never delays
+/// the retry.
+async fn renew_while_draining<B: Body>(
+    state: Arc<TokenState>,
+    generation: u64,
+    body: B,
+) -> Result<Arc<Installed>, Error> {
+    let renew = state.renew(generation, Cause::Rejected);
+    let drain = drain(body);
+    tokio::pin!(renew, drain);
+
+    let mut drained = false;
+    loop {
+        tokio::select! {
+            biased;
+            renewed = &mut renew => return renewed,
+            () = &mut drain, if !drained => drained = true,
+        }
+    }
 }
 
 /// Reads and discards a rejected response's body, within [`DRAIN_LIMIT`] and [`DRAIN_TIME`].

@@ -122,7 +122,7 @@ impl RefreshHandle {
 
     /// Marks the token in service as unusable: the next request waits for a new one.
     pub fn invalidate(&self) {
-        self.state.invalidate(None);
+        self.state.invalidate();
     }
 
     /// Gets a new token now, joining a refresh in progress if there is one, and ignoring the

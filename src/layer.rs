@@ -136,7 +136,9 @@ impl<R> RefreshLayer<R> {
     ///
     /// # Errors
     ///
-    /// When an origin is not a URI with a scheme and a host.
+    /// When no origin is given, or an origin is not a URI with a scheme and a host, or has a
+    /// path other than `/`, a query or a fragment: an origin covers the whole host, and a path
+    /// would suggest a restriction that is not made.
     pub fn only_for_origins<I, T>(self, origins: I) -> Result<Self, Error>
     where
         I: IntoIterator<Item = T>,
@@ -146,6 +148,11 @@ impl<R> RefreshLayer<R> {
             .into_iter()
             .map(|origin| Origin::parse(origin.as_ref()))
             .collect::<Result<Arc<[_]>, _>>()?;
+        if origins.is_empty() {
+            return Err(Error::config(
+                "no origin given: the token would never be sent",
+            ));
+        }
         Ok(self.with_common(|c| c.origins = Some(origins)))
     }
 
@@ -282,6 +289,12 @@ impl Origin {
         let uri: Uri = text
             .parse()
             .map_err(|_| Error::config("origin is not a valid URI"))?;
+        let path_and_query = uri.path_and_query().map_or("", |p| p.as_str());
+        if !matches!(path_and_query, "" | "/") || text.contains('#') {
+            return Err(Error::config(
+                "origin has a path or query; tokens are restricted by scheme, host and port only",
+            ));
+        }
         Self::of(&uri).ok_or(Error::config("origin needs a scheme and a host"))
     }
 
@@ -325,5 +338,12 @@ mod tests {
     fn bad_origins_are_refused() {
         assert!(Origin::parse("not a uri").unwrap_err().is_config());
         assert!(Origin::parse("/path").unwrap_err().is_config());
+        assert!(Origin::parse("https://api.example.com/v1?x=1")
+            .unwrap_err()
+            .is_config());
+        assert!(Origin::parse("https://api.example.com/").is_ok());
+        let empty: [&str; 0] = [];
+        let layer = RefreshLayer::new(crate::source::Static::new("t"));
+        assert!(layer.only_for_origins(empty).unwrap_err().is_config());
     }
 }

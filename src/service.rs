@@ -1,9 +1,12 @@
 //! [`Refresh`]: attach the token, and hand the request to the response future.
 
 use std::{
-    fmt, mem,
+    fmt,
+    future::Future,
+    mem,
+    pin::Pin,
     sync::Arc,
-    task::{Context, Poll},
+    task::{ready, Context, Poll},
 };
 
 use http::{Request, Response};
@@ -14,18 +17,30 @@ use crate::{
     body::{ReplayBodies, ReplayPolicy},
     future::ResponseFuture,
     layer::{Common, Origin},
-    state::Current,
-    BoxError, RefreshLayer, TokenSource,
+    state::{Current, Installed},
+    BoxError, Error,
 };
 
 /// Attaches the current token to every request, and retries a request once when its token
-/// is rejected. Built by [`RefreshLayer`].
+/// is rejected. Built by [`RefreshLayer`](crate::RefreshLayer).
 ///
 /// Clones share the token state of the layer they came from.
 pub struct Refresh<S, R = ReplayBodies> {
     inner: S,
     common: Arc<Common>,
     replay: R,
+    token: Readiness,
+}
+
+/// What `poll_ready` found out about the token, for the next `call`.
+///
+/// NOTE: readiness includes a usable token (R13): a request that must wait for one waits in
+/// `poll_ready`, before the inner service is asked for readiness, so it holds no permit of
+/// a concurrency limit below the layer, and cannot starve a token source that shares it.
+enum Readiness {
+    Unknown,
+    Waiting(Pin<Box<dyn Future<Output = Result<Arc<Installed>, Error>> + Send + Sync>>),
+    Found(Current),
 }
 
 /// Marks a request that is a retry because of its token, so that no other copy of the layer
@@ -33,20 +48,13 @@ pub struct Refresh<S, R = ReplayBodies> {
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Retried;
 
-impl<S> Refresh<S> {
-    /// A [`RefreshLayer`] that takes its tokens from `source`; the same as
-    /// [`RefreshLayer::new`].
-    pub fn layer<T: TokenSource>(source: T) -> RefreshLayer {
-        RefreshLayer::new(source)
-    }
-}
-
 impl<S, R> Refresh<S, R> {
     pub(crate) fn from_parts(inner: S, common: Arc<Common>, replay: R) -> Self {
         Self {
             inner,
             common,
             replay,
+            token: Readiness::Unknown,
         }
     }
 
@@ -90,6 +98,27 @@ where
     type Future = ResponseFuture<S, B>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        if !matches!(self.token, Readiness::Waiting(_)) {
+            self.token = match self.common.state.current() {
+                Current::Wait { seen, cause } => {
+                    tracing::trace!(seen, ?cause, "waiting for a token before readiness");
+                    let state = Arc::clone(&self.common.state);
+                    Readiness::Waiting(Box::pin(state.renew(seen, cause)))
+                }
+                ready => Readiness::Found(ready),
+            };
+        }
+        if let Readiness::Waiting(wait) = &mut self.token {
+            // NOTE: a failed refresh fails the request in `call`, never the service.
+            self.token = match ready!(wait.as_mut().poll(cx)) {
+                Ok(installed) => Readiness::Found(Current::Ready {
+                    header: installed.header.clone(),
+                    generation: installed.generation,
+                }),
+                Err(_) => Readiness::Unknown,
+            };
+        }
+
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
@@ -110,7 +139,11 @@ where
             None
         };
 
-        match common.state.current() {
+        let current = match mem::replace(&mut self.token, Readiness::Unknown) {
+            Readiness::Found(current) => current,
+            Readiness::Unknown | Readiness::Waiting(_) => common.state.current(),
+        };
+        match current {
             Current::Ready { header, generation } => {
                 request
                     .headers_mut()
@@ -145,6 +178,7 @@ impl<S: Clone, R: Clone> Clone for Refresh<S, R> {
             inner: self.inner.clone(),
             common: Arc::clone(&self.common),
             replay: self.replay.clone(),
+            token: Readiness::Unknown,
         }
     }
 }

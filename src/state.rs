@@ -13,7 +13,7 @@
 use std::{
     fmt,
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering},
         Arc, Mutex, MutexGuard, PoisonError,
     },
     time::Duration,
@@ -28,6 +28,16 @@ use tokio::{
 use tracing::Instrument;
 
 use crate::{source::DynSource, Error, Token};
+
+/// The token may be sent.
+const VALID: u8 = 0;
+/// A server rejected the token; it is not sent while a refresh replaces it.
+const REJECTED: u8 = 1;
+/// The application invalidated the token; it is never sent again.
+const INVALIDATED: u8 = 2;
+
+/// The longest back-off after failed refreshes, whatever the settings say.
+const MAX_BACKOFF: Duration = Duration::from_secs(3600);
 
 /// How many installed tokens a subscriber may fall behind before it misses the oldest.
 const UPDATES_CAPACITY: usize = 64;
@@ -84,8 +94,8 @@ pub(crate) struct Installed {
     stale_at: Option<Instant>,
     /// From here on the token is never sent.
     expired_at: Option<Instant>,
-    /// Set by an invalidation or a suspect rejection: treat as expired.
-    invalidated: AtomicBool,
+    /// Why the token may not be sent any more: [`VALID`], [`REJECTED`] or [`INVALIDATED`].
+    invalidated: AtomicU8,
     /// A background refresh was asked for while this token was stale.
     background: AtomicBool,
 }
@@ -139,17 +149,17 @@ impl Installed {
             token,
             stale_at,
             expired_at,
-            invalidated: AtomicBool::new(false),
+            invalidated: AtomicU8::new(VALID),
             background: AtomicBool::new(false),
         })
     }
 
     pub(crate) fn is_invalidated(&self) -> bool {
-        self.invalidated.load(Ordering::Relaxed)
+        self.invalidated.load(Ordering::Relaxed) != VALID
     }
 
     fn freshness(&self) -> Freshness {
-        if self.invalidated.load(Ordering::Relaxed) {
+        if self.invalidated.load(Ordering::Relaxed) != VALID {
             return Freshness::Expired;
         }
         if self.stale_at.is_none() {
@@ -226,6 +236,8 @@ struct Slot {
 struct Flight {
     id: u64,
     outcome: watch::Receiver<Option<Outcome>>,
+    /// The refresh timeout passed: the waiters were released, the fetch goes on.
+    late: bool,
 }
 
 struct Failure {
@@ -338,12 +350,10 @@ impl TokenState {
         Self::redeem(ticket).await
     }
 
-    /// Marks generation `generation` as unusable, so the next caller refreshes first.
-    pub(crate) fn invalidate(&self, generation: Option<u64>) {
+    /// Marks the token in service as unusable, so the next caller refreshes first.
+    pub(crate) fn invalidate(&self) {
         if let Some(current) = self.current.load().as_ref() {
-            if generation.is_none_or(|g| g == current.generation) {
-                current.invalidated.store(true, Ordering::Relaxed);
-            }
+            current.invalidated.store(INVALIDATED, Ordering::Relaxed);
         }
     }
 
@@ -381,11 +391,6 @@ impl TokenState {
     }
 
     fn ticket(self: &Arc<Self>, seen: u64, cause: Cause, force: bool) -> Ticket {
-        if cause == Cause::Rejected {
-            // NOTE: a rejected token is never sent again, whatever its expiry says (F15):
-            // callers that arrive while it is replaced wait for the new one.
-            self.invalidate(Some(seen));
-        }
         let mut slot = self.lock();
 
         let current = self.current.load_full();
@@ -400,8 +405,16 @@ impl TokenState {
         // NOTE: a flight always replaces the generation that was current when it started, and
         // installing clears the flight under this lock: a running flight replaces `seen`.
         if let Some(flight) = &slot.flight {
+            if flight.late {
+                // Its waiters got a timeout; it may still install a rotated token, and no
+                // second refresh may start meanwhile.
+                return Ticket::Failed(Error::timeout());
+            }
             Counters::bump(&self.counters.coalesced);
-            return Ticket::Wait(flight.outcome.clone());
+            let outcome = flight.outcome.clone();
+            drop(slot);
+            self.mark_rejected(current.as_deref(), cause);
+            return Ticket::Wait(outcome);
         }
 
         if !force {
@@ -424,8 +437,10 @@ impl TokenState {
         slot.flight = Some(Flight {
             id,
             outcome: receiver.clone(),
+            late: false,
         });
         drop(slot);
+        self.mark_rejected(current.as_deref(), cause);
 
         Counters::bump(&self.counters.refreshes);
         let previous = current.map(|c| c.token.clone());
@@ -438,7 +453,24 @@ impl TokenState {
         Ticket::Wait(receiver)
     }
 
+    /// A rejected token is not sent again while a refresh replaces it, whatever its expiry
+    /// says (F15): callers that arrive meanwhile wait for the new one.
+    fn mark_rejected(&self, current: Option<&Installed>, cause: Cause) {
+        if let (Some(current), Cause::Rejected) = (current, cause) {
+            let _ = current.invalidated.compare_exchange(
+                VALID,
+                REJECTED,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
+    }
+
     /// The refresh task: fetch, install, publish.
+    ///
+    /// Waiters get an outcome within the refresh timeout. A fetch that takes longer goes on
+    /// (R4: a rotated refresh token must not be lost) for up to twice the timeout more, while
+    /// callers get the timeout error and no second refresh starts.
     async fn fly(
         self: Arc<Self>,
         id: u64,
@@ -446,48 +478,49 @@ impl TokenState {
         previous: Option<Token>,
         sender: watch::Sender<Option<Outcome>>,
     ) {
-        let guard = FlightGuard {
-            state: Arc::clone(&self),
+        let mut guard = FlightGuard {
+            state: Some(Arc::clone(&self)),
             id,
         };
         let settings = self.settings();
         let started = Instant::now();
 
-        let fetch = Arc::clone(&self.source).fetch_owned(previous);
-        let fetched = match tokio::time::timeout(settings.refresh_timeout, fetch).await {
+        let mut fetch = Arc::clone(&self.source).fetch_owned(previous);
+        let mut released = false;
+        let fetched = match tokio::time::timeout(settings.refresh_timeout, &mut fetch).await {
             Ok(fetched) => fetched,
-            Err(_) => Err(Error::timeout()),
+            Err(_) => {
+                released = true;
+                let waiters = self.release_late(id, replaces, &settings, &sender);
+                tracing::debug!(waiters, "token refresh is late, waiters released");
+                let grace = settings.refresh_timeout.saturating_mul(2);
+                tokio::time::timeout(grace, fetch)
+                    .await
+                    .unwrap_or_else(|_| Err(Error::timeout()))
+            }
         };
         let now = Instant::now();
         let outcome = fetched
             .and_then(|token| Installed::new(token, replaces + 1, &settings, now))
             .map(Arc::new);
 
-        let backoff = {
+        let (waiters, backoff) = {
             let mut slot = self.lock();
+            let waiters = sender.receiver_count().saturating_sub(1);
             slot.flight = None;
-            match &outcome {
+            let backoff = match &outcome {
                 Ok(installed) => {
                     self.current.store(Some(Arc::clone(installed)));
                     slot.failure = None;
                     slot.consecutive_failures = 0;
                     None
                 }
-                Err(error) => {
-                    slot.consecutive_failures = slot.consecutive_failures.saturating_add(1);
-                    let backoff = backoff(&settings, slot.consecutive_failures);
-                    slot.failure = Some(Failure {
-                        generation: replaces,
-                        until: now + backoff,
-                        error: error.clone(),
-                    });
-                    Some(backoff)
-                }
-            }
+                Err(error) => Some(self.remember_failure(&mut slot, replaces, error, &settings)),
+            };
+            (waiters, backoff)
         };
         guard.disarm();
 
-        let waiters = sender.receiver_count().saturating_sub(1);
         let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         match &outcome {
             Ok(installed) => {
@@ -501,41 +534,107 @@ impl TokenState {
                 // order they were installed. No subscriber is not an error.
                 let _ = self.updates.send(installed.token.clone());
             }
+            Err(error) if released => {
+                tracing::error!(elapsed_ms, %error, "late token refresh failed");
+            }
             Err(error) => {
                 Counters::bump(&self.counters.failures);
                 tracing::error!(waiters, elapsed_ms, %error, "token refresh failed");
             }
         }
-        sender.send_replace(Some(outcome));
-
-        // NOTE: a stale token may ask for a background refresh again once the back-off is
-        // over, whichever refresh failed: one that the stale path asked for during the
-        // back-off met the remembered failure and started nothing.
-        if let Some(backoff) = backoff {
-            if let Some(current) = self.installed().filter(|c| c.generation == replaces) {
-                tokio::time::sleep(backoff).await;
-                current.background.store(false, Ordering::Relaxed);
-            }
+        if !released {
+            sender.send_replace(Some(outcome));
         }
+
+        if let Some(backoff) = backoff {
+            self.after_failure(replaces, backoff).await;
+        }
+    }
+
+    /// Gives the waiters of a late flight the timeout error, and marks the flight late so
+    /// that nobody joins it and no other flight starts while it runs. Returns the number of
+    /// waiters released.
+    fn release_late(
+        &self,
+        id: u64,
+        replaces: u64,
+        settings: &Settings,
+        sender: &watch::Sender<Option<Outcome>>,
+    ) -> usize {
+        let error = Error::timeout();
+        let waiters = {
+            let mut slot = self.lock();
+            if let Some(flight) = slot.flight.as_mut().filter(|f| f.id == id) {
+                flight.late = true;
+            }
+            self.remember_failure(&mut slot, replaces, &error, settings);
+            sender.receiver_count().saturating_sub(1)
+        };
+        Counters::bump(&self.counters.failures);
+        sender.send_replace(Some(Err(error)));
+        waiters
+    }
+
+    /// Remembers a failed refresh for the back-off; returns the back-off.
+    fn remember_failure(
+        &self,
+        slot: &mut Slot,
+        replaces: u64,
+        error: &Error,
+        settings: &Settings,
+    ) -> Duration {
+        slot.consecutive_failures = slot.consecutive_failures.saturating_add(1);
+        let backoff = backoff(settings, slot.consecutive_failures);
+        let now = Instant::now();
+        slot.failure = Some(Failure {
+            generation: replaces,
+            until: now.checked_add(backoff).unwrap_or(now),
+            error: error.clone(),
+        });
+        backoff
+    }
+
+    /// After a failed refresh, the token it meant to replace goes back into service if only a
+    /// rejection had taken it out (R9: one path that keeps answering 401 while the token
+    /// endpoint is down must not fail every call), and may ask for a background refresh
+    /// again once the back-off is over.
+    async fn after_failure(&self, replaces: u64, backoff: Duration) {
+        let Some(current) = self.installed().filter(|c| c.generation == replaces) else {
+            return;
+        };
+        let _ = current.invalidated.compare_exchange(
+            REJECTED,
+            VALID,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+
+        // NOTE: a stale-path request that met the back-off started nothing, whichever refresh
+        // failed; clearing the flag lets the next one try.
+        tokio::time::sleep(backoff).await;
+        current.background.store(false, Ordering::Relaxed);
     }
 }
 
 /// Clears the flight when the refresh task ends without finishing (a panicking source, a
 /// runtime shutting down), so that no later caller joins a dead flight.
 struct FlightGuard {
-    state: Arc<TokenState>,
+    state: Option<Arc<TokenState>>,
     id: u64,
 }
 
 impl FlightGuard {
-    fn disarm(self) {
-        std::mem::forget(self);
+    fn disarm(&mut self) {
+        self.state = None;
     }
 }
 
 impl Drop for FlightGuard {
     fn drop(&mut self) {
-        let mut slot = self.state.lock();
+        let Some(state) = self.state.take() else {
+            return;
+        };
+        let mut slot = state.lock();
         if slot.flight.as_ref().is_some_and(|f| f.id == self.id) {
             slot.flight = None;
         }
@@ -549,7 +648,8 @@ fn backoff(settings: &Settings, failures: u32) -> Duration {
     let base = settings
         .failure_backoff
         .saturating_mul(1 << exponent)
-        .min(settings.max_failure_backoff);
+        .min(settings.max_failure_backoff)
+        .min(MAX_BACKOFF);
     base.mul_f64(0.5 + random_unit() / 2.0)
 }
 

@@ -1,0 +1,299 @@
+//! Resources, readiness and failure paths: the token state is freed, a waiting request holds no
+//! permit, a late refresh still installs its token, a failed refresh after one rejection does
+//! not take the token out of service.
+
+mod common;
+
+use std::{
+    convert::Infallible,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use common::get;
+use http::{Request, Response, StatusCode};
+use http_body::Frame;
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use tokio::time::Instant;
+use tower::{limit::GlobalConcurrencyLimitLayer, service_fn, Layer, ServiceBuilder, ServiceExt};
+use tower_token_refresh::{source, Error, RefreshLayer, Token, TokenSource};
+
+type Seen = Arc<Mutex<Vec<String>>>;
+
+fn bearer<B>(request: &Request<B>) -> String {
+    request
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .map(|v| v.to_str().unwrap().trim_start_matches("Bearer ").to_owned())
+        .unwrap_or_default()
+}
+
+/// Answers 200 to `accepted` on any path but `/broken`, 401 otherwise; records each token.
+fn api(
+    seen: Seen,
+    accepted: &'static str,
+) -> impl tower::Service<
+    Request<Full<Bytes>>,
+    Response = Response<Full<Bytes>>,
+    Error = Infallible,
+    Future = impl Send,
+> + Clone {
+    service_fn(move |request: Request<Full<Bytes>>| {
+        let token = bearer(&request);
+        seen.lock().unwrap().push(token.clone());
+        let status = if token == accepted && request.uri().path() != "/broken" {
+            StatusCode::OK
+        } else {
+            StatusCode::UNAUTHORIZED
+        };
+        async move {
+            let mut response = Response::new(Full::new(Bytes::new()));
+            *response.status_mut() = status;
+            Ok::<_, Infallible>(response)
+        }
+    })
+}
+
+struct DropFlag(Arc<AtomicBool>);
+
+impl Drop for DropFlag {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+struct FlaggedSource(DropFlag);
+
+impl TokenSource for FlaggedSource {
+    async fn fetch(&self, _previous: Option<&Token>) -> Result<Token, Error> {
+        Ok(Token::new("token-1"))
+    }
+}
+
+#[tokio::test]
+async fn the_token_state_and_its_source_are_freed_after_use() {
+    let dropped = Arc::new(AtomicBool::new(false));
+    let layer = RefreshLayer::new(FlaggedSource(DropFlag(Arc::clone(&dropped))));
+    let mut updates = layer.handle().subscribe();
+    let service = ServiceBuilder::new()
+        .layer(layer)
+        .service(api(Seen::default(), "token-1"));
+
+    service
+        .clone()
+        .oneshot(get("http://api.test/"))
+        .await
+        .unwrap();
+    updates.next().await.unwrap();
+    drop(service);
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+
+    assert!(dropped.load(Ordering::SeqCst), "the source was freed");
+    assert!(updates.next().await.is_none(), "subscribers see the end");
+}
+
+#[tokio::test(start_paused = true)]
+async fn r13_a_request_waiting_for_a_token_holds_no_permit_of_a_shared_limit() {
+    // One permit, shared by the API client and the token source's own client.
+    let limit = GlobalConcurrencyLimitLayer::new(1);
+    let token_endpoint = limit.layer(service_fn(|_: ()| async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        Ok::<_, Infallible>(Token::new("token-1"))
+    }));
+    let source = source::from_fn(move |_previous| {
+        let token_endpoint = token_endpoint.clone();
+        async move { token_endpoint.oneshot(()).await }
+    });
+    let seen = Seen::default();
+    let service = ServiceBuilder::new()
+        .layer(RefreshLayer::new(source).refresh_timeout(Duration::from_secs(5)))
+        .layer(limit)
+        .service(api(Arc::clone(&seen), "token-1"));
+
+    let started = Instant::now();
+    let response = service.oneshot(get("http://api.test/")).await.unwrap();
+
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        started.elapsed(),
+        Duration::from_millis(100),
+        "no deadlock, no timeout"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn r4_a_refresh_answered_after_the_timeout_still_installs_the_rotated_token() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&calls);
+    let source = source::from_fn(move |_previous| {
+        counter.fetch_add(1, Ordering::SeqCst);
+        async {
+            // The server has rotated the refresh token; its answer is slow.
+            tokio::time::sleep(Duration::from_secs(12)).await;
+            Ok::<_, Error>(Token::new("token-1").with_refresh_token("refresh-3"))
+        }
+    });
+    let layer = RefreshLayer::new(source).refresh_timeout(Duration::from_secs(10));
+    let handle = layer.handle();
+    let service = ServiceBuilder::new()
+        .layer(layer)
+        .service(api(Seen::default(), "token-1"));
+
+    let late = handle.refresh().await.unwrap_err();
+    let during = service
+        .clone()
+        .oneshot(get("http://api.test/"))
+        .await
+        .unwrap_err();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = service
+        .clone()
+        .oneshot(get("http://api.test/"))
+        .await
+        .unwrap();
+
+    assert!(late.is_timeout());
+    assert!(during.downcast_ref::<Error>().unwrap().is_timeout());
+    assert_eq!(after.status(), StatusCode::OK);
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "no second refresh raced the late one"
+    );
+    let token = handle.current_token().unwrap();
+    assert_eq!(
+        token.expose_refresh_token(),
+        Some("refresh-3"),
+        "nothing lost"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn r9_one_path_that_rejects_while_the_endpoint_is_down_does_not_fail_every_call() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&calls);
+    let source = source::from_fn(move |_previous| {
+        let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+        async move {
+            if n == 1 {
+                Ok(Token::new("token-1").with_expires_in(Duration::from_secs(3600)))
+            } else {
+                Err(Error::transient(std::io::Error::other("endpoint down")))
+            }
+        }
+    });
+    let seen = Seen::default();
+    let service = ServiceBuilder::new()
+        .layer(RefreshLayer::new(source))
+        .service(api(Arc::clone(&seen), "token-1"));
+
+    let before = service
+        .clone()
+        .oneshot(get("http://api.test/ok"))
+        .await
+        .unwrap();
+    let broken = service.clone().oneshot(get("http://api.test/broken")).await;
+    let after = service
+        .clone()
+        .oneshot(get("http://api.test/ok"))
+        .await
+        .unwrap();
+    let broken_again = service.clone().oneshot(get("http://api.test/broken")).await;
+    let still = service
+        .clone()
+        .oneshot(get("http://api.test/ok"))
+        .await
+        .unwrap();
+
+    assert_eq!(before.status(), StatusCode::OK);
+    assert!(broken
+        .unwrap_err()
+        .downcast_ref::<Error>()
+        .unwrap()
+        .is_transient());
+    assert_eq!(
+        after.status(),
+        StatusCode::OK,
+        "the token is back in service"
+    );
+    assert!(broken_again.is_err(), "the back-off answers at once");
+    assert_eq!(still.status(), StatusCode::OK);
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "one failed refresh within the back-off"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn r9_an_absurd_backoff_is_clamped_not_a_panic() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&calls);
+    let source = source::from_fn(move |_previous| {
+        counter.fetch_add(1, Ordering::SeqCst);
+        async { Err::<Token, _>(Error::terminal(std::io::Error::other("revoked"))) }
+    });
+    let service = ServiceBuilder::new()
+        .layer(RefreshLayer::new(source).failure_backoff(Duration::MAX))
+        .service(api(Seen::default(), "token-1"));
+
+    for _ in 0..3 {
+        let error = service
+            .clone()
+            .oneshot(get("http://api.test/"))
+            .await
+            .unwrap_err();
+        let error = error.downcast::<Error>().unwrap();
+        assert!(error.is_terminal() && error.is_source(), "{error:?}");
+    }
+
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+/// A body that never ends.
+struct Endless;
+
+impl http_body::Body for Endless {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        Poll::Pending
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn r8_a_rejected_body_that_never_ends_does_not_delay_the_retry() {
+    let tokens = common::Counting::new();
+    let inner = service_fn(|request: Request<Full<Bytes>>| async move {
+        let response = if bearer(&request) == "token-1" {
+            let mut response = Response::new(Endless.boxed());
+            *response.status_mut() = StatusCode::UNAUTHORIZED;
+            response
+        } else {
+            Response::new(Full::new(Bytes::from_static(b"ok")).boxed())
+        };
+        Ok::<Response<BoxBody<Bytes, Infallible>>, Infallible>(response)
+    });
+    let service = ServiceBuilder::new()
+        .layer(RefreshLayer::new(tokens.source(None, Duration::ZERO)))
+        .service(inner);
+
+    let started = Instant::now();
+    let response = service.oneshot(get("http://api.test/")).await.unwrap();
+
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(started.elapsed(), Duration::ZERO);
+    assert_eq!(tokens.calls(), 2);
+}
