@@ -66,6 +66,8 @@ enum Kind {
     Config,
     /// A token source of the user's failed.
     Source,
+    /// The token file could not be read, or holds no usable token.
+    File,
     /// The refresh task ended without an outcome (it panicked, or its runtime shut down).
     Aborted,
 }
@@ -225,6 +227,14 @@ impl Error {
         Self::new(Kind::Config, true).with(|e| e.message = Some(message))
     }
 
+    /// The token file cannot be used; `message` says why in a few words and never quotes the
+    /// file, `source` names the file.
+    pub(crate) fn file(message: &'static str, terminal: bool, source: impl Into<BoxError>) -> Self {
+        Self::new(Kind::File, terminal)
+            .with(|e| e.message = Some(message))
+            .with_source(source)
+    }
+
     /// The refresh task ended without delivering an outcome.
     pub(crate) fn aborted() -> Self {
         Self::new(Kind::Aborted, false)
@@ -277,6 +287,12 @@ impl Error {
     /// error.
     pub fn is_source(&self) -> bool {
         self.inner.kind == Kind::Source
+    }
+
+    /// Returns true when the token file could not be read or holds no usable token;
+    /// [`std::error::Error::source`] names the file.
+    pub fn is_file(&self) -> bool {
+        self.inner.kind == Kind::File
     }
 
     /// Returns true when the refresh task ended without an outcome.
@@ -346,6 +362,7 @@ impl fmt::Display for Error {
             Kind::InvalidToken => f.write_str("token cannot be used")?,
             Kind::Config => f.write_str("invalid configuration")?,
             Kind::Source => f.write_str("token source failed")?,
+            Kind::File => f.write_str("token file cannot be used")?,
             Kind::Aborted => f.write_str("token refresh ended without a result")?,
         }
         if let Some(status) = inner.status {

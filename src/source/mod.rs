@@ -10,12 +10,17 @@
 //! - [`from_fn`]: any async closure, for tokens from a cloud SDK, a vault, a test.
 //! - [`Static`]: a fixed token, such as an API key.
 //! - [`oauth2::ClientCredentials`]: the OAuth2 client credentials grant (RFC 6749 §4.4).
+//! - [`TokenFile`]: a token that another process keeps in a file (Kubernetes projected service
+//!   account tokens, sidecars), read again when it changes or is rejected.
 
 use std::{future::Future, pin::Pin, sync::Arc};
 
 use crate::{BoxError, Error, Token};
 
+mod file;
 pub mod oauth2;
+
+pub use file::TokenFile;
 
 /// Something that can produce a new token.
 ///
