@@ -542,13 +542,28 @@ impl TokenState {
                 tracing::error!(waiters, elapsed_ms, %error, "token refresh failed");
             }
         }
+        let installed = outcome.as_ref().ok().map(Arc::clone);
         if !released {
             sender.send_replace(Some(outcome));
         }
 
-        if let Some(backoff) = backoff {
-            self.after_failure(replaces, backoff).await;
+        match (installed, backoff) {
+            (_, Some(backoff)) => self.after_failure(replaces, backoff).await,
+            (Some(installed), None) => Self::pace_background(&installed, &settings).await,
+            (None, None) => {}
         }
+    }
+
+    /// A token that is stale the moment it is installed (a source that handed back the same
+    /// token, or asked to be asked again at once) would otherwise start a background refresh
+    /// on every request: such a token asks again at most once per back-off base.
+    async fn pace_background(installed: &Installed, settings: &Settings) {
+        if matches!(installed.freshness(), Freshness::Fresh) {
+            return;
+        }
+        installed.background.store(true, Ordering::Relaxed);
+        tokio::time::sleep(settings.failure_backoff.min(MAX_BACKOFF)).await;
+        installed.background.store(false, Ordering::Relaxed);
     }
 
     /// Gives the waiters of a late flight the timeout error, and marks the flight late so
@@ -789,6 +804,30 @@ mod tests {
             header_of(state.current()).as_deref(),
             Some("Bearer token-2")
         );
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_source_that_asks_again_at_once_is_paced() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&calls);
+        let source = source::from_fn(move |_previous| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            async move { Ok::<_, Error>(Token::new("same").with_refresh_at(Instant::now())) }
+        });
+        let state = Arc::new(TokenState::new(Arc::new(source)));
+        Arc::clone(&state).renew(0, Cause::FirstUse).await.unwrap();
+
+        for _ in 0..20 {
+            assert!(header_of(state.current()).is_some());
+            tokio::task::yield_now().await;
+        }
+        let within_a_second = calls.load(Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert!(header_of(state.current()).is_some());
+        tokio::task::yield_now().await;
+
+        assert_eq!(within_a_second, 1);
         assert_eq!(calls.load(Ordering::SeqCst), 2);
     }
 
