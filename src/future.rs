@@ -59,8 +59,9 @@ pin_project! {
         First { #[pin] future: F },
         // The token was rejected: the rejected body is drained while a new token comes.
         Renewing { token: TokenFuture },
-        // The retry waits for its service to become ready.
-        RetryReady,
+        // The request, with its token, waits for its service to become ready: after a wait
+        // for a token (`retry: false`) or a rejection (`retry: true`).
+        Readying { retry: bool },
         // The retry is in flight.
         Retry { #[pin] future: F },
         // A request the layer leaves alone.
@@ -144,15 +145,13 @@ where
                         }
                     };
                     let common = this.common.as_ref().expect("waiting without common");
-                    let (mut request, mut service) =
-                        this.pending.take().expect("waiting without a request");
+                    let (request, _) = this.pending.as_mut().expect("waiting without a request");
 
                     request
                         .headers_mut()
                         .insert(common.header_name.clone(), installed.header.clone());
                     *this.generation = installed.generation;
-                    let future = service.call(request);
-                    this.state.set(State::First { future });
+                    this.state.set(State::Readying { retry: false });
                 }
                 StateProj::First { future } => {
                     let result = ready!(future.poll(cx));
@@ -202,20 +201,25 @@ where
                     request.extensions_mut().insert(Retried);
                     *this.generation = installed.generation;
                     *this.pending = Some((request, service));
-                    this.state.set(State::RetryReady);
+                    this.state.set(State::Readying { retry: true });
                 }
-                StateProj::RetryReady => {
-                    let (_, service) = this.pending.as_mut().expect("retry without a request");
+                StateProj::Readying { retry } => {
+                    let retry = *retry;
+                    let (_, service) = this.pending.as_mut().expect("readying without a request");
                     if let Err(error) = ready!(service.poll_ready(cx)) {
                         this.state.set(State::Done);
                         return Poll::Ready(Err(error.into()));
                     }
                     let (request, mut service) = this.pending.take().expect("checked above");
 
-                    let common = this.common.as_ref().expect("retry without common");
-                    Counters::bump(&common.state.counters.retries);
                     let future = service.call(request);
-                    this.state.set(State::Retry { future });
+                    if retry {
+                        let common = this.common.as_ref().expect("retry without common");
+                        Counters::bump(&common.state.counters.retries);
+                        this.state.set(State::Retry { future });
+                    } else {
+                        this.state.set(State::First { future });
+                    }
                 }
                 StateProj::Retry { future } => {
                     let result = ready!(future.poll(cx));

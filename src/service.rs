@@ -1,12 +1,9 @@
 //! [`Refresh`]: attach the token, and hand the request to the response future.
 
 use std::{
-    fmt,
-    future::Future,
-    mem,
-    pin::Pin,
+    fmt, mem,
     sync::Arc,
-    task::{ready, Context, Poll},
+    task::{Context, Poll},
 };
 
 use http::{Request, Response};
@@ -17,8 +14,8 @@ use crate::{
     body::{ReplayBodies, ReplayPolicy},
     future::ResponseFuture,
     layer::{Common, Origin},
-    state::{Current, Installed},
-    BoxError, Error,
+    state::Current,
+    BoxError,
 };
 
 /// Attaches the current token to every request, and retries a request once when its token
@@ -29,18 +26,6 @@ pub struct Refresh<S, R = ReplayBodies> {
     inner: S,
     common: Arc<Common>,
     replay: R,
-    token: Readiness,
-}
-
-/// What `poll_ready` found out about the token, for the next `call`.
-///
-/// NOTE: readiness includes a usable token (R13): a request that must wait for one waits in
-/// `poll_ready`, before the inner service is asked for readiness, so it holds no permit of
-/// a concurrency limit below the layer, and cannot starve a token source that shares it.
-enum Readiness {
-    Unknown,
-    Waiting(Pin<Box<dyn Future<Output = Result<Arc<Installed>, Error>> + Send + Sync>>),
-    Found(Current),
 }
 
 /// Marks a request that is a retry because of its token, so that no other copy of the layer
@@ -54,7 +39,6 @@ impl<S, R> Refresh<S, R> {
             inner,
             common,
             replay,
-            token: Readiness::Unknown,
         }
     }
 
@@ -98,27 +82,6 @@ where
     type Future = ResponseFuture<S, B>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        if !matches!(self.token, Readiness::Waiting(_)) {
-            self.token = match self.common.state.current() {
-                Current::Wait { seen, cause } => {
-                    tracing::trace!(seen, ?cause, "waiting for a token before readiness");
-                    let state = Arc::clone(&self.common.state);
-                    Readiness::Waiting(Box::pin(state.renew(seen, cause)))
-                }
-                ready => Readiness::Found(ready),
-            };
-        }
-        if let Readiness::Waiting(wait) = &mut self.token {
-            // NOTE: a failed refresh fails the request in `call`, never the service.
-            self.token = match ready!(wait.as_mut().poll(cx)) {
-                Ok(installed) => Readiness::Found(Current::Ready {
-                    header: installed.header.clone(),
-                    generation: installed.generation,
-                }),
-                Err(_) => Readiness::Unknown,
-            };
-        }
-
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
@@ -139,11 +102,7 @@ where
             None
         };
 
-        let current = match mem::replace(&mut self.token, Readiness::Unknown) {
-            Readiness::Found(current) => current,
-            Readiness::Unknown | Readiness::Waiting(_) => common.state.current(),
-        };
-        match current {
+        match common.state.current() {
             Current::Ready { header, generation } => {
                 request
                     .headers_mut()
@@ -152,8 +111,14 @@ where
                 ResponseFuture::sent(future, common, generation, retry)
             }
             Current::Wait { seen, cause } => {
+                // NOTE: the ready service is dropped, and with it any permit or buffer slot it
+                // holds: a request waiting for a token must not hold a concurrency limit below
+                // the layer, or starve a token source that shares it (R13). A clone is driven
+                // to readiness once the token is there.
                 tracing::trace!(seen, ?cause, "request waits for a token");
-                ResponseFuture::waiting(common, seen, cause, inner, request, retry)
+                drop(inner);
+                let service = self.inner.clone();
+                ResponseFuture::waiting(common, seen, cause, service, request, retry)
             }
         }
     }
@@ -178,7 +143,6 @@ impl<S: Clone, R: Clone> Clone for Refresh<S, R> {
             inner: self.inner.clone(),
             common: Arc::clone(&self.common),
             replay: self.replay.clone(),
-            token: Readiness::Unknown,
         }
     }
 }
