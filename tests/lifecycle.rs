@@ -68,7 +68,10 @@ impl Drop for DropFlag {
     }
 }
 
-struct FlaggedSource(DropFlag);
+/// A source that raises its flag when it is dropped.
+struct FlaggedSource {
+    _flag: DropFlag,
+}
 
 impl TokenSource for FlaggedSource {
     async fn fetch(&self, _previous: Option<&Token>) -> Result<Token, Error> {
@@ -79,7 +82,9 @@ impl TokenSource for FlaggedSource {
 #[tokio::test]
 async fn the_token_state_and_its_source_are_freed_after_use() {
     let dropped = Arc::new(AtomicBool::new(false));
-    let layer = RefreshLayer::new(FlaggedSource(DropFlag(Arc::clone(&dropped))));
+    let layer = RefreshLayer::new(FlaggedSource {
+        _flag: DropFlag(Arc::clone(&dropped)),
+    });
     let mut updates = layer.handle().subscribe();
     let service = ServiceBuilder::new()
         .layer(layer)
