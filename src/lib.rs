@@ -46,8 +46,9 @@
 //! # Token sources
 //!
 //! Anything that implements [`TokenSource`]. Shipped: [`source::from_fn`] for closures,
-//! [`source::Static`] for fixed keys, and [`source::oauth2::ClientCredentials`] for the OAuth2
-//! client credentials grant.
+//! [`source::Static`] for fixed keys, [`source::TokenFile`] for tokens another process keeps in
+//! a file, and the OAuth2 grants [`source::oauth2::ClientCredentials`] and
+//! [`source::oauth2::RefreshTokenGrant`] (with rotation, bounded retries and `Retry-After`).
 //!
 //! # Request bodies
 //!
@@ -68,7 +69,17 @@
 //!
 //! # Cargo features
 //!
-//! - `hyper-client` (default): hyper-util's client as the default transport of token sources.
+//! - `hyper-client` (default): hyper-util's HTTP/1 client as the default transport of token
+//!   sources, without TLS: it serves `http` token URLs, which a source accepts for a loopback
+//!   host only unless insecure http is explicitly allowed (R10).
+//! - `rustls`: HTTPS for token endpoints with rustls and hyper-rustls (TLS 1.2 and 1.3, ring).
+//!   The default transport then serves `https` token URLs too, trusting the platform's root
+//!   certificates, or the Mozilla roots compiled in when the platform has none;
+//!   `source::oauth2::https_transport` takes your own `rustls::ClientConfig`, for a private
+//!   certificate authority. Turns on `hyper-client`. See
+//!   [HTTPS](source::oauth2#https) for the details, and the `https` example for an API
+//!   called over HTTPS.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![forbid(unsafe_code)]
 #![deny(unreachable_pub)]
 #![warn(missing_docs)]
@@ -92,3 +103,8 @@ pub use layer::RefreshLayer;
 pub use service::Refresh;
 pub use source::TokenSource;
 pub use token::{Token, MAX_LIFETIME};
+
+/// The README's examples, compiled as doc tests so that they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -36,6 +36,7 @@ pub struct Token {
     refresh_at: Option<Instant>,
     refresh_token: Option<Arc<str>>,
     scopes: Arc<[String]>,
+    extra: Option<Arc<serde_json::Map<String, serde_json::Value>>>,
 }
 
 impl Token {
@@ -51,6 +52,7 @@ impl Token {
             refresh_at: None,
             refresh_token: None,
             scopes: Arc::new([]),
+            extra: None,
         }
     }
 
@@ -114,6 +116,21 @@ impl Token {
         self
     }
 
+    /// Sets the fields of the token endpoint's answer that the source did not read itself,
+    /// such as an OpenID Connect `id_token` or a vendor's extension.
+    #[must_use]
+    pub fn with_extra_fields(mut self, fields: serde_json::Map<String, serde_json::Value>) -> Self {
+        self.extra = (!fields.is_empty()).then(|| Arc::new(fields));
+        self
+    }
+
+    /// The fields of the token endpoint's answer that the source did not read itself; `None`
+    /// when there were none. Handle with care: they may hold credentials (an `id_token`), and
+    /// `Debug` shows only their names.
+    pub fn extra_fields(&self) -> Option<&serde_json::Map<String, serde_json::Value>> {
+        self.extra.as_deref()
+    }
+
     /// The secret. Handle with care: whatever you print it to can leak it.
     pub fn expose_secret(&self) -> &str {
         &self.secret
@@ -169,6 +186,10 @@ impl fmt::Debug for Token {
                 &self.refresh_token.as_ref().map(|_| "[redacted]"),
             )
             .field("scopes", &self.scopes)
+            .field(
+                "extra_fields",
+                &self.extra.as_ref().map(|m| m.keys().collect::<Vec<_>>()),
+            )
             .finish()
     }
 }
@@ -179,14 +200,19 @@ mod tests {
 
     #[test]
     fn debug_never_shows_secrets() {
+        let mut extra = serde_json::Map::new();
+        extra.insert("id_token".into(), "id-secret".into());
         let token = Token::new("access-secret")
             .with_refresh_token("refresh-secret")
-            .with_token_type("Bearer");
+            .with_token_type("Bearer")
+            .with_extra_fields(extra);
 
         let debug = format!("{token:?}");
 
         assert!(!debug.contains("access-secret"), "{debug}");
         assert!(!debug.contains("refresh-secret"), "{debug}");
+        assert!(!debug.contains("id-secret"), "{debug}");
+        assert!(debug.contains("id_token"), "{debug}");
         assert!(debug.contains("[redacted]"));
     }
 

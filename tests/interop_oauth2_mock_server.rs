@@ -2,6 +2,11 @@
 //! `tests/interop/server.js`, issues RS256 JWTs that live 2 seconds, and a protected API on
 //! loopback verifies every bearer token against the server's JWKS, `exp` included.
 //!
+//! The client credentials grant and the refresh-token grant are both exercised. For the
+//! latter, server.js makes oauth2-mock-server rotate refresh tokens (each works once), which
+//! it does not do by itself; the first refresh token comes from a password grant, as an
+//! application would have it from its login.
+//!
 //! Needs Node.js (`node` and `npm` on `PATH`). The npm packages of `tests/interop` are
 //! installed on first use, so a plain `cargo test` works on a fresh machine.
 
@@ -34,8 +39,8 @@ use tokio::{
 };
 use tower::{ServiceBuilder, ServiceExt};
 use tower_token_refresh::{
-    source::oauth2::{ClientAuth, ClientCredentials},
-    BoxError, RefreshLayer,
+    source::oauth2::{ClientAuth, ClientCredentials, RefreshTokenGrant},
+    BoxError, RefreshLayer, Token, TokenSource,
 };
 
 /// The lifetime of every token the server issues, in `expires_in` and in the JWT's `exp`.
@@ -153,36 +158,9 @@ async fn keeps_every_call_authorized_across_token_expiries(auth: ClientAuth, met
     let handle = layer.handle();
     let service = ServiceBuilder::new().layer(layer).service(http_client());
 
-    let started = Instant::now();
-    let deadline = started + DRIVE_FOR;
-    let per_worker = run_concurrently(WORKERS, || {
-        let service = service.clone();
-        let url = api.url();
-        async move {
-            let mut outcomes = Vec::new();
-            while Instant::now() < deadline {
-                outcomes.push(call(&service, &url).await);
-                tokio::time::sleep(PACING).await;
-            }
-            outcomes
-        }
-    })
-    .await;
-    let elapsed = started.elapsed().as_secs_f64();
+    let (outcomes, elapsed) = drive(&service, &api).await;
 
-    let outcomes: Vec<_> = per_worker.into_iter().flatten().collect();
-    let failed: Vec<_> = outcomes
-        .iter()
-        .filter(|o| **o != Ok(StatusCode::OK))
-        .collect();
-    assert!(
-        failed.is_empty(),
-        "{} of {} calls failed, first: {:?}",
-        failed.len(),
-        outcomes.len(),
-        failed.first()
-    );
-    assert_eq!(api.accepted.load(Ordering::SeqCst), outcomes.len() as u64);
+    assert_all_succeeded(&outcomes, &api);
 
     let record = token_server.token_requests().await;
     let total = record["total"].as_u64().unwrap();
@@ -220,6 +198,184 @@ async fn keeps_every_call_authorized_across_token_expiries(auth: ClientAuth, met
     assert_eq!(stats.failures, 0, "{stats:?}");
     assert_eq!(stats.rejections, 0, "{stats:?}");
     assert_eq!(stats.retries, 0, "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r12_refresh_token_grant_rotates_through_every_token_expiry_and_hands_each_pair_on() {
+    let token_server = TokenServer::start(TOKEN_LIFETIME).await;
+    let api = ProtectedApi::start(&token_server).await;
+    let login = token_server.password_grant().await;
+    let source = RefreshTokenGrant::builder(
+        format!("{}/token", token_server.url),
+        CLIENT_ID,
+        login.refresh_token.clone(),
+    )
+    .client_secret(CLIENT_SECRET)
+    .scope(SCOPE)
+    .access_token(Token::new(login.access_token.clone()).with_expires_in(TOKEN_LIFETIME))
+    .build()
+    .expect("a loopback token URL is accepted");
+    // The same settings as the client credentials tests, for the same 2-second tokens.
+    let layer = RefreshLayer::new(source)
+        .refresh_ahead(Duration::from_secs(1))
+        .expiry_margin(Duration::from_millis(500))
+        .refresh_timeout(Duration::from_secs(5));
+    let handle = layer.handle();
+    let mut updates = handle.subscribe();
+    let service = ServiceBuilder::new().layer(layer).service(http_client());
+
+    let (outcomes, elapsed) = drive(&service, &api).await;
+
+    assert_all_succeeded(&outcomes, &api);
+    let record = token_server.token_requests().await;
+    assert_eq!(
+        record["refresh"]["refused"], 0,
+        "no refresh token used twice: {record}"
+    );
+    let chain = record["refresh"]["chain"].as_array().unwrap().clone();
+    let refreshes = chain.len() as u64;
+    // The saved token serves first; then one refresh about every second.
+    let at_least = (elapsed / TOKEN_LIFETIME.as_secs_f64()).ceil() as u64 - 1;
+    let at_most = elapsed.floor() as u64 + 1;
+    assert!(
+        (at_least..=at_most).contains(&refreshes),
+        "{refreshes} refreshes in {elapsed:.1} s, expected {at_least}..={at_most}: {record}"
+    );
+    assert_eq!(record["by_method"]["basic"], refreshes, "{record}");
+    assert_eq!(
+        record["credentials"],
+        serde_json::json!([format!("basic {CLIENT_ID} {CLIENT_SECRET}")])
+    );
+    assert_eq!(
+        record["grant_types"],
+        serde_json::json!(["password", "refresh_token"])
+    );
+    assert_eq!(record["scopes"], serde_json::json!([SCOPE]));
+
+    let mut installed = Vec::new();
+    while let Ok(Some(token)) =
+        tokio::time::timeout(Duration::from_millis(100), updates.next()).await
+    {
+        installed.push(token);
+    }
+    assert_eq!(
+        installed.len() as u64,
+        refreshes + 1,
+        "the saved pair, then each rotation"
+    );
+    assert_eq!(installed[0].expose_secret(), login.access_token);
+    assert_eq!(
+        installed[0].expose_refresh_token(),
+        Some(login.refresh_token.as_str())
+    );
+    for (link, (before, after)) in chain.iter().zip(installed.iter().zip(&installed[1..])) {
+        assert_eq!(
+            before.expose_refresh_token(),
+            link["presented"].as_str(),
+            "each refresh presents the newest refresh token"
+        );
+        assert_eq!(
+            after.expose_refresh_token(),
+            link["issued"].as_str(),
+            "and the token it installs carries the one issued in exchange"
+        );
+        assert_eq!(after.scopes(), [SCOPE]);
+    }
+    assert_eq!(api.rejected.load(Ordering::SeqCst), 0);
+    let stats = handle.stats();
+    assert_eq!(stats.refreshes, refreshes + 1, "{stats:?}");
+    assert_eq!(stats.failures, 0, "{stats:?}");
+}
+
+#[tokio::test]
+async fn f18_a_public_client_gets_a_terminal_invalid_grant_for_a_reused_refresh_token() {
+    let token_server = TokenServer::start(Duration::from_secs(60)).await;
+    let login = token_server.password_grant().await;
+    let source = RefreshTokenGrant::builder(
+        format!("{}/token", token_server.url),
+        "interop public app",
+        login.refresh_token.clone(),
+    )
+    .build()
+    .expect("a loopback token URL is accepted");
+    let saved = Token::new(login.access_token.clone())
+        .with_refresh_token(login.refresh_token.clone())
+        .with_scopes([SCOPE]);
+
+    let rotated = source.fetch(Some(&saved)).await.expect("a rotated pair");
+    let reused = source.fetch(Some(&saved)).await.expect_err("a refusal");
+
+    assert_ne!(
+        rotated.expose_refresh_token(),
+        Some(login.refresh_token.as_str())
+    );
+    // NOTE: oauth2-mock-server names the scope "dummy" when a refresh asks for none; a scope
+    // in the answer wins over the one the previous token had.
+    assert_eq!(rotated.scopes(), ["dummy"]);
+    assert!(reused.is_terminal() && reused.is_endpoint(), "{reused:?}");
+    assert_eq!(reused.oauth_error(), Some("invalid_grant"));
+    assert_eq!(
+        reused.error_description(),
+        Some("refresh token unknown or already used")
+    );
+    assert!(!reused.to_string().contains(&login.refresh_token));
+    let record = token_server.token_requests().await;
+    assert_eq!(record["by_method"]["public"], 2, "{record}");
+    assert_eq!(
+        record["credentials"],
+        serde_json::json!(["public interop public app"])
+    );
+    assert_eq!(record["refresh"]["refused"], 1, "{record}");
+}
+
+/// Drives `WORKERS` concurrent callers through `service` for `DRIVE_FOR`; returns every
+/// outcome and the seconds it took.
+async fn drive<S>(service: &S, api: &ProtectedApi) -> (Vec<Result<StatusCode, String>>, f64)
+where
+    S: tower::Service<
+            Request<Full<Bytes>>,
+            Response = http::Response<hyper::body::Incoming>,
+            Error = BoxError,
+        > + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send,
+{
+    let started = Instant::now();
+    let deadline = started + DRIVE_FOR;
+    let per_worker = run_concurrently(WORKERS, || {
+        let service = service.clone();
+        let url = api.url();
+        async move {
+            let mut outcomes = Vec::new();
+            while Instant::now() < deadline {
+                outcomes.push(call(&service, &url).await);
+                tokio::time::sleep(PACING).await;
+            }
+            outcomes
+        }
+    })
+    .await;
+    let elapsed = started.elapsed().as_secs_f64();
+
+    (per_worker.into_iter().flatten().collect(), elapsed)
+}
+
+/// Every call was answered 200, and the API accepted each.
+fn assert_all_succeeded(outcomes: &[Result<StatusCode, String>], api: &ProtectedApi) {
+    let failed: Vec<_> = outcomes
+        .iter()
+        .filter(|o| **o != Ok(StatusCode::OK))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} calls failed, first: {:?}",
+        failed.len(),
+        outcomes.len(),
+        failed.first()
+    );
+    assert_eq!(api.accepted.load(Ordering::SeqCst), outcomes.len() as u64);
 }
 
 fn client_credentials(token_server: &TokenServer, auth: ClientAuth) -> ClientCredentials {
@@ -348,6 +504,32 @@ impl TokenServer {
     async fn token_requests(&self) -> Value {
         self.get_json("/interop/token-requests").await
     }
+
+    /// Logs in with the resource owner password grant, which oauth2-mock-server answers with
+    /// an access token and a refresh token, as an application's login would.
+    async fn password_grant(&self) -> Login {
+        let request = Request::post(format!("{}/token", self.url))
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .body(Full::new(Bytes::from(format!(
+                "grant_type=password&username=alice&password=wonderland&scope={}",
+                SCOPE.replace(':', "%3A")
+            ))))
+            .unwrap();
+        let response = self.client.request(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "password grant");
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let json: Value = serde_json::from_slice(&body).unwrap();
+        Login {
+            access_token: json["access_token"].as_str().unwrap().to_owned(),
+            refresh_token: json["refresh_token"].as_str().unwrap().to_owned(),
+        }
+    }
+}
+
+/// The tokens of a login.
+struct Login {
+    access_token: String,
+    refresh_token: String,
 }
 
 /// The directory of server.js and its npm packages.

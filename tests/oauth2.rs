@@ -273,6 +273,36 @@ async fn f11_a_503_is_a_transient_endpoint_error() {
     assert!(errors
         .iter()
         .all(|e| e.status() == Some(StatusCode::SERVICE_UNAVAILABLE) && e.is_transient()));
-    assert_eq!(auth.hits(), 1);
+    assert_eq!(
+        auth.hits(),
+        3,
+        "three attempts inside one refresh, then the error"
+    );
     assert_eq!(api.hits(), 0);
+}
+
+#[tokio::test]
+async fn unknown_fields_of_the_answer_travel_with_the_token() {
+    let auth = TestServer::start(|_| async {
+        respond(
+            StatusCode::OK,
+            &[JSON],
+            r#"{"access_token":"A1","token_type":"Bearer","id_token":"eyJ.x.y","ext_expires_in":7200}"#,
+        )
+    })
+    .await;
+    let api = api().await;
+    let (service, handle) = layered(RefreshLayer::new(source(auth.url("/token"))));
+
+    service.oneshot(get(&api.url("/"))).await.unwrap();
+
+    let token = handle.current_token().unwrap();
+    let extra = token.extra_fields().unwrap();
+    assert_eq!(extra["id_token"], "eyJ.x.y");
+    assert_eq!(extra["ext_expires_in"], 7200);
+    assert!(
+        !extra.contains_key("access_token"),
+        "read fields are not repeated"
+    );
+    assert!(!format!("{token:?}").contains("eyJ.x.y"));
 }

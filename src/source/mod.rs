@@ -10,6 +10,8 @@
 //! - [`from_fn`]: any async closure, for tokens from a cloud SDK, a vault, a test.
 //! - [`Static`]: a fixed token, such as an API key.
 //! - [`oauth2::ClientCredentials`]: the OAuth2 client credentials grant (RFC 6749 §4.4).
+//! - [`oauth2::RefreshTokenGrant`]: the OAuth2 refresh-token grant (RFC 6749 §6), rotating
+//!   refresh tokens.
 //! - [`TokenFile`]: a token that another process keeps in a file (Kubernetes projected service
 //!   account tokens, sidecars), read again when it changes or is rejected.
 

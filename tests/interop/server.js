@@ -13,6 +13,13 @@
 // and its discovery document says `token_endpoint_auth_methods_supported: ["none"]`. So this
 // script records what each token request actually carried, and serves the record at
 // `GET /interop/token-requests` for the test to assert on.
+//
+// For the refresh_token grant, oauth2-mock-server 9.3.0 answers every request with a new
+// access token, a new random refresh token, an id_token, and `scope` as requested or "dummy"
+// when the request names none; it never checks the refresh token presented, nor that there is
+// one. This script makes it an authorization server that rotates refresh tokens: it keeps the
+// refresh tokens the server issued (by any grant) and not yet used, lets each be used once,
+// and answers any other with 400 `invalid_grant`.
 
 import { randomUUID } from 'node:crypto';
 import process from 'node:process';
@@ -28,12 +35,20 @@ if (!Number.isInteger(tokenLifetime) || tokenLifetime < 1) {
 // What the token endpoint saw, by client authentication method.
 const record = {
   total: 0,
-  by_method: { basic: 0, request_body: 0, both: 0, none: 0 },
-  // Distinct "method client_id client_secret" triples, decoded as RFC 6749 §2.3.1 says.
+  // `public`: a client_id in the body and no secret anywhere.
+  by_method: { basic: 0, request_body: 0, both: 0, public: 0, none: 0 },
+  // Distinct "method client_id client_secret" triples, decoded as RFC 6749 §2.3.1 says; a
+  // public client's is "public client_id".
   credentials: [],
   grant_types: [],
   scopes: [],
+  // The refresh_token grant: requests refused, and for each accepted one, in order, the
+  // refresh token presented and the one issued in exchange.
+  refresh: { refused: 0, chain: [] },
 };
+
+// Refresh tokens issued and not used yet.
+const liveRefreshTokens = new Set();
 
 // RFC 6749 §2.3.1: the id and secret in HTTP Basic are form-urlencoded first.
 function formDecode(text) {
@@ -71,14 +86,15 @@ function recordTokenRequest(req) {
   let method = 'none';
   if (basic !== undefined && inBody !== undefined) method = 'both';
   else if (basic !== undefined) method = 'basic';
+  else if (inBody !== undefined && inBody.secret === undefined) method = 'public';
   else if (inBody !== undefined) method = 'request_body';
 
   record.total += 1;
   record.by_method[method] += 1;
   for (const credentials of [basic, inBody]) {
-    if (credentials !== undefined) {
-      remember(record.credentials, `${method} ${credentials.id} ${credentials.secret}`);
-    }
+    if (credentials === undefined) continue;
+    if (method === 'public') remember(record.credentials, `public ${credentials.id}`);
+    else remember(record.credentials, `${method} ${credentials.id} ${credentials.secret}`);
   }
   remember(record.grant_types, String(req.body?.grant_type));
   remember(record.scopes, String(req.body?.scope));
@@ -97,9 +113,32 @@ server.service.on(Events.BeforeTokenSigning, (token) => {
   token.payload.jti = randomUUID();
 });
 
+// Single-use refresh tokens, checked before the answer leaves.
+function checkRefreshToken(response, req) {
+  const presented = req.body?.refresh_token;
+  if (typeof presented === 'string' && liveRefreshTokens.delete(presented)) {
+    record.refresh.chain.push({ presented, issued: response.body.refresh_token });
+    return;
+  }
+  record.refresh.refused += 1;
+  response.statusCode = 400;
+  response.body = {
+    error: 'invalid_grant',
+    error_description: 'refresh token unknown or already used',
+  };
+}
+
 server.service.on(Events.BeforeResponse, (response, req) => {
   recordTokenRequest(req);
-  if (response.statusCode === 200) response.body.expires_in = tokenLifetime;
+  if (response.statusCode === 200 && req.body?.grant_type === 'refresh_token') {
+    checkRefreshToken(response, req);
+  }
+  if (response.statusCode === 200) {
+    response.body.expires_in = tokenLifetime;
+    if (typeof response.body.refresh_token === 'string') {
+      liveRefreshTokens.add(response.body.refresh_token);
+    }
+  }
 });
 
 server.service.addRoute('GET', '/interop/token-requests', (_req, res) => {

@@ -1,46 +1,36 @@
 //! The client credentials grant (RFC 6749 §4.4): a confidential client asks for a token in its
 //! own name.
 
-use std::{fmt, net::IpAddr, sync::Arc, time::Duration};
+use std::{fmt, sync::Arc, time::Duration};
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, Uri};
+use http::{HeaderName, HeaderValue, Request, Response, Uri};
 use http_body::Body;
 use http_body_util::Full;
-use tokio::time::Instant;
-use tower::{Service, ServiceExt};
+use tower::Service;
 
 use super::{
-    request::{basic_credentials, form_urlencode, ClientAuth, TokenRequest},
-    response::{parse_token_response, ResponseContext, SecretGuard},
-    transport::{self, ReadError, Transport},
+    config::{EndpointConfig, Grant},
+    endpoint::{Endpoint, Exchange},
+    request::ClientAuth,
+    transport,
 };
 use crate::{BoxError, Error, Token, TokenSource};
 
-/// The largest token endpoint answer that is read; longer ones are refused.
-const MAX_RESPONSE_BODY: usize = 64 * 1024;
-
-/// The grant type, as sent and as logged.
-const GRANT_TYPE: &str = "client_credentials";
+/// The grant: nothing is sent per fetch.
+const GRANT: Grant = Grant {
+    grant_type: "client_credentials",
+    per_fetch_params: &[],
+};
 
 /// A token source for the OAuth2 client credentials grant (RFC 6749 §4.4).
 ///
 /// Built with [`ClientCredentials::builder`]; see the [module docs](super) for the request it
-/// sends and how it reads the answer. Cloning is cheap and clones share the transport. `Debug`
-/// never shows the client secret.
+/// sends, how it reads the answer and when it retries. Cloning is cheap and clones share the
+/// transport. `Debug` never shows the client secret.
 #[derive(Clone)]
 pub struct ClientCredentials {
-    inner: Arc<Inner>,
-}
-
-struct Inner {
-    request: TokenRequest,
-    transport: Transport,
-    client_id: String,
-    client_auth: ClientAuth,
-    scopes: Vec<String>,
-    timeout: Option<Duration>,
-    guard: SecretGuard,
+    endpoint: Arc<Endpoint>,
 }
 
 impl ClientCredentials {
@@ -58,116 +48,44 @@ impl ClientCredentials {
         U::Error: Into<BoxError>,
     {
         ClientCredentialsBuilder {
-            token_url: token_url.try_into().map_err(Into::into),
-            client_id: client_id.into(),
-            client_secret: client_secret.into(),
-            client_auth: ClientAuth::default(),
-            scopes: Vec::new(),
-            params: Vec::new(),
-            headers: HeaderMap::new(),
-            transport: None,
-            timeout: None,
-            allow_insecure_http: false,
+            config: EndpointConfig::new(token_url, client_id.into(), Some(client_secret.into())),
         }
     }
 
     /// The token endpoint's URL.
     pub fn token_url(&self) -> &Uri {
-        self.inner.request.uri()
+        self.endpoint.token_url()
     }
 
     /// The client id.
     pub fn client_id(&self) -> &str {
-        &self.inner.client_id
+        &self.endpoint.client_id
     }
 
     /// The scopes asked for, in the order they are sent.
     pub fn scopes(&self) -> &[String] {
-        &self.inner.scopes
+        &self.endpoint.scopes
     }
 }
 
 impl TokenSource for ClientCredentials {
     async fn fetch(&self, _previous: Option<&Token>) -> Result<Token, Error> {
-        let inner = &*self.inner;
-        let request = inner.request.to_http();
-        let host = inner.request.uri().host().unwrap_or_default();
-
-        let sent_at = Instant::now();
-        let outcome = match inner.timeout {
-            Some(limit) => tokio::time::timeout(limit, inner.exchange(request, sent_at))
-                .await
-                .unwrap_or_else(|_elapsed| Err(Error::timeout())),
-            None => inner.exchange(request, sent_at).await,
-        };
-
-        let elapsed = sent_at.elapsed();
-        match &outcome {
-            Ok(token) => tracing::debug!(
-                host,
-                grant_type = GRANT_TYPE,
-                ?elapsed,
-                expires_in = ?token.expires_in(),
-                "token request succeeded"
-            ),
-            Err(err) => tracing::debug!(
-                host,
-                grant_type = GRANT_TYPE,
-                ?elapsed,
-                status = err.status().map(|status| status.as_u16()),
-                terminal = err.is_terminal(),
-                error = %err,
-                "token request failed"
-            ),
-        }
-        outcome
-    }
-}
-
-impl Inner {
-    /// Sends the request and reads the answer.
-    async fn exchange(
-        &self,
-        request: Request<Full<Bytes>>,
-        sent_at: Instant,
-    ) -> Result<Token, Error> {
-        let response = self
-            .transport
-            .clone()
-            .oneshot(request)
+        let endpoint = &*self.endpoint;
+        endpoint
+            .fetch(Exchange {
+                params: &[],
+                guard: &endpoint.guard,
+                scopes_if_omitted: &endpoint.scopes,
+            })
             .await
-            .map_err(Error::transport)?;
-
-        let (parts, body) = response.into_parts();
-        let body = transport::read_body(body, MAX_RESPONSE_BODY)
-            .await
-            .map_err(|err| match err {
-                ReadError::TooLarge => {
-                    Error::invalid_response(parts.status, None, "response body larger than 64 KiB")
-                }
-                ReadError::Body(err) => Error::transport(err),
-            })?;
-
-        let cx = ResponseContext {
-            sent_at,
-            requested_scopes: &self.scopes,
-            guard: &self.guard,
-        };
-        parse_token_response(parts.status, &body, &cx)
     }
 }
 
 impl fmt::Debug for ClientCredentials {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let inner = &*self.inner;
-        f.debug_struct("ClientCredentials")
-            .field("token_url", inner.request.uri())
-            .field("client_id", &inner.client_id)
-            .field("client_secret", &"[redacted]")
-            .field("client_auth", &inner.client_auth)
-            .field("scopes", &inner.scopes)
-            .field("timeout", &inner.timeout)
-            .finish_non_exhaustive()
+        let mut d = f.debug_struct("ClientCredentials");
+        self.endpoint.debug_fields(&mut d);
+        d.finish_non_exhaustive()
     }
 }
 
@@ -185,27 +103,18 @@ impl fmt::Debug for ClientCredentials {
 /// .client_auth(ClientAuth::RequestBody)
 /// .scopes(["reports:read", "reports:write"])
 /// .audience("https://api.example.com")
-/// .timeout(Duration::from_secs(10));
+/// .timeout(Duration::from_secs(3));
 /// # let _ = builder;
 /// ```
 #[must_use = "a builder does nothing until `build` is called"]
 pub struct ClientCredentialsBuilder {
-    token_url: Result<Uri, BoxError>,
-    client_id: String,
-    client_secret: String,
-    client_auth: ClientAuth,
-    scopes: Vec<String>,
-    params: Vec<(String, String)>,
-    headers: HeaderMap,
-    transport: Option<Transport>,
-    timeout: Option<Duration>,
-    allow_insecure_http: bool,
+    config: EndpointConfig,
 }
 
 impl ClientCredentialsBuilder {
     /// How the client authenticates itself. Default: [`ClientAuth::Basic`].
     pub fn client_auth(mut self, client_auth: ClientAuth) -> Self {
-        self.client_auth = client_auth;
+        self.config.set_client_auth(client_auth);
         self
     }
 
@@ -214,9 +123,7 @@ impl ClientCredentialsBuilder {
     ///
     /// A token whose response names no scopes is taken to have the ones asked for.
     pub fn scope(mut self, scope: impl Into<String>) -> Self {
-        let scope = scope.into();
-        self.scopes
-            .extend(scope.split_ascii_whitespace().map(String::from));
+        self.config.add_scope(&scope.into());
         self
     }
 
@@ -249,7 +156,7 @@ impl ClientCredentialsBuilder {
     /// `grant_type` and `client_secret` always, `client_id` with
     /// [`ClientAuth::RequestBody`], and `scope` when scopes were asked for.
     pub fn param(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
-        self.params.push((name.into(), value.into()));
+        self.config.add_param(name.into(), value.into());
         self
     }
 
@@ -258,7 +165,7 @@ impl ClientCredentialsBuilder {
     /// [`ClientAuth::Basic`] `authorization`); several calls with one name send every value.
     /// Default: none.
     pub fn header(mut self, name: HeaderName, value: HeaderValue) -> Self {
-        self.headers.append(name, value);
+        self.config.add_header(name, value);
         self
     }
 
@@ -267,8 +174,9 @@ impl ClientCredentialsBuilder {
     /// client with a TLS connector, wrapped in proxies, timeouts or tracing.
     ///
     /// Default: with the `hyper-client` feature, hyper-util's HTTP/1 client, which speaks
-    /// plain HTTP only and therefore suits only a token endpoint on a loopback address.
-    /// Without the feature, a transport must be given.
+    /// plain HTTP and so suits a token endpoint on a loopback address; with the `rustls`
+    /// feature it speaks HTTPS too, trusting the platform's root certificates (see
+    /// [HTTPS](super#https)). Without either, a transport must be given.
     pub fn transport<S, B>(mut self, transport: S) -> Self
     where
         S: Service<Request<Full<Bytes>>, Response = Response<B>> + Clone + Send + Sync + 'static,
@@ -277,15 +185,40 @@ impl ClientCredentialsBuilder {
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        self.transport = Some(transport::erase(transport));
+        self.config.set_transport(transport::erase(transport));
         self
     }
 
-    /// Gives up on a token request after this long, with an error for which
-    /// [`Error::is_timeout`] is true. Default: no limit of its own; the refresh timeout of
-    /// the layer bounds every fetch.
+    /// Gives up on one attempt of a token request after this long, sending and reading the
+    /// answer included, with an error for which [`Error::is_timeout`] is true; the attempt is
+    /// retried like a connection failure. Default: no limit of its own; the refresh timeout
+    /// of the layer bounds every fetch.
+    ///
+    /// See [the module docs](super#transport-timeouts-and-retries) for how this, the retry
+    /// budget and the layer's refresh timeout fit together.
     pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = Some(timeout);
+        self.config.set_timeout(timeout);
+        self
+    }
+
+    /// How many attempts one fetch makes at most, the first included, when the token
+    /// endpoint fails in a way that may mend itself (connection errors, timeouts, 5xx, 408,
+    /// 429). `1` switches retries off. Default: 3.
+    ///
+    /// [`build`](Self::build) refuses `0`.
+    pub fn max_attempts(mut self, max_attempts: u32) -> Self {
+        self.config.set_max_attempts(max_attempts);
+        self
+    }
+
+    /// A retry starts only if it can start within this long after the fetch began; a
+    /// `Retry-After` that asks for a longer wait ends the fetch with the error at once.
+    /// Default: 5 seconds, half the layer's default refresh timeout.
+    ///
+    /// Keep it below the layer's [`refresh_timeout`](crate::RefreshLayer::refresh_timeout),
+    /// which ends the whole fetch, retries included, with a plain timeout error.
+    pub fn retry_budget(mut self, budget: Duration) -> Self {
+        self.config.set_retry_budget(budget);
         self
     }
 
@@ -294,7 +227,7 @@ impl ClientCredentialsBuilder {
     ///
     /// A loopback host (`localhost`, `127.0.0.0/8`, `[::1]`) is always allowed.
     pub fn allow_insecure_http(mut self, allow: bool) -> Self {
-        self.allow_insecure_http = allow;
+        self.config.set_allow_insecure_http(allow);
         self
     }
 
@@ -305,135 +238,23 @@ impl ClientCredentialsBuilder {
     /// An error for which [`Error::is_config`] is true when the token URL is not an absolute
     /// `https` or `http` URL, holds user info, or is plain `http` to a host that is not a
     /// loopback address without [`allow_insecure_http`](Self::allow_insecure_http); when the
-    /// client id is empty; when an extra parameter repeats one the source sends; and when no
-    /// transport is given and the default one cannot reach the URL (it speaks no TLS) or is
-    /// not compiled in (the `hyper-client` feature is off).
+    /// client id is empty; when an extra parameter repeats one the source sends; when
+    /// [`max_attempts`](Self::max_attempts) is 0; and when no transport is given and the
+    /// default one cannot reach the URL (it speaks no TLS without the `rustls` feature) or is not compiled in (the
+    /// `hyper-client` feature is off).
     pub fn build(self) -> Result<ClientCredentials, Error> {
-        if self.client_id.is_empty() {
-            return Err(Error::config("client id is empty"));
-        }
-        self.check_params()?;
-        let token_url = self
-            .token_url
-            .map_err(|err| Error::config("invalid token URL").with_source(err))?;
-        check_token_url(&token_url, self.allow_insecure_http)?;
-        let transport = match self.transport {
-            Some(transport) => transport,
-            None => transport::default_for(&token_url)?,
-        };
-
-        let mut params = Vec::with_capacity(self.params.len() + 1);
-        if !self.scopes.is_empty() {
-            params.push(("scope".to_owned(), self.scopes.join(" ")));
-        }
-        params.extend(self.params);
-        let request = TokenRequest::client_credentials(
-            token_url,
-            &self.client_id,
-            &self.client_secret,
-            self.client_auth,
-            &params,
-            &self.headers,
-        );
-        let guard = SecretGuard::new([
-            form_urlencode(&self.client_secret),
-            basic_credentials(&self.client_id, &self.client_secret),
-            self.client_secret,
-        ]);
-
         Ok(ClientCredentials {
-            inner: Arc::new(Inner {
-                request,
-                transport,
-                client_id: self.client_id,
-                client_auth: self.client_auth,
-                scopes: self.scopes,
-                timeout: self.timeout,
-                guard,
-            }),
+            endpoint: Arc::new(self.config.build(&GRANT)?),
         })
-    }
-
-    fn check_params(&self) -> Result<(), Error> {
-        for (name, _) in &self.params {
-            let repeats = match name.as_str() {
-                "" => return Err(Error::config("parameter name is empty")),
-                "grant_type" | "client_secret" => true,
-                "client_id" => self.client_auth == ClientAuth::RequestBody,
-                "scope" => !self.scopes.is_empty(),
-                _ => false,
-            };
-            if repeats {
-                return Err(Error::config(
-                    "parameter repeats one the token source sends",
-                ));
-            }
-        }
-        Ok(())
     }
 }
 
 impl fmt::Debug for ClientCredentialsBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let param_names: Vec<_> = self.params.iter().map(|(name, _)| name).collect();
-        // NOTE: user info in the URL is refused by `build`, but may be a password until then.
-        let token_url = self.token_url.as_ref().ok().map(|url| {
-            if has_user_info(url) {
-                "[redacted: holds user info]".to_owned()
-            } else {
-                url.to_string()
-            }
-        });
-        f.debug_struct("ClientCredentialsBuilder")
-            .field("token_url", &token_url)
-            .field("client_id", &self.client_id)
-            .field("client_secret", &"[redacted]")
-            .field("client_auth", &self.client_auth)
-            .field("scopes", &self.scopes)
-            .field("param_names", &param_names)
-            .field("header_names", &self.headers.keys().collect::<Vec<_>>())
-            .field("custom_transport", &self.transport.is_some())
-            .field("timeout", &self.timeout)
-            .field("allow_insecure_http", &self.allow_insecure_http)
-            .finish()
+        let mut d = f.debug_struct("ClientCredentialsBuilder");
+        self.config.debug_fields(&mut d);
+        d.finish()
     }
-}
-
-/// Refuses token URLs that cannot work or would leak the client secret.
-fn check_token_url(url: &Uri, allow_insecure_http: bool) -> Result<(), Error> {
-    let Some(authority) = url.authority() else {
-        return Err(Error::config("token URL is not absolute"));
-    };
-    if has_user_info(url) {
-        return Err(Error::config("token URL must not contain user info"));
-    }
-
-    match url.scheme_str() {
-        Some("https") => Ok(()),
-        Some("http") if allow_insecure_http || is_loopback(authority.host()) => Ok(()),
-        Some("http") => Err(Error::config(
-            "token URL is plain http to a non-loopback host; the client secret would travel \
-             unencrypted (see allow_insecure_http)",
-        )),
-        _ => Err(Error::config("token URL scheme is neither https nor http")),
-    }
-}
-
-fn has_user_info(url: &Uri) -> bool {
-    url.authority()
-        .is_some_and(|authority| authority.as_str().contains('@'))
-}
-
-/// Returns true for `localhost`, `127.0.0.0/8` and `[::1]`; names are not resolved.
-fn is_loopback(host: &str) -> bool {
-    if host.eq_ignore_ascii_case("localhost") {
-        return true;
-    }
-    let literal = host
-        .strip_prefix('[')
-        .and_then(|host| host.strip_suffix(']'))
-        .unwrap_or(host);
-    literal.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 #[cfg(test)]
@@ -631,19 +452,7 @@ mod tests {
         assert_eq!(source.scopes(), ["read", "write", "admin"]);
     }
 
-    #[test]
-    fn is_loopback_knows_only_literal_loopback_hosts() {
-        assert!(is_loopback("localhost"));
-        assert!(is_loopback("127.0.0.1"));
-        assert!(is_loopback("127.255.255.254"));
-        assert!(is_loopback("[::1]"));
-
-        assert!(!is_loopback("localhost."));
-        assert!(!is_loopback("128.0.0.1"));
-        assert!(!is_loopback("[::2]"));
-    }
-
-    #[cfg(feature = "hyper-client")]
+    #[cfg(all(feature = "hyper-client", not(feature = "rustls")))]
     #[test]
     fn default_transport_refuses_an_https_token_url() {
         let result =

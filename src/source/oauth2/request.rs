@@ -1,13 +1,17 @@
 //! The token request: its form body (RFC 6749 Appendix B) and client authentication (§2.3.1).
 //!
-//! Everything in a client credentials request is known when the source is built, so the body
-//! and the headers are encoded once and copied for every fetch.
+//! What a request holds apart from per-fetch parameters (the refresh token of a refresh-token
+//! grant) is known when the source is built, so it is encoded once and copied for every fetch.
 
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Uri};
 use http_body_util::Full;
 
 /// How the client proves its identity to the token endpoint (RFC 6749 §2.3.1).
+///
+/// A source without a client secret (a public client, which only a
+/// [`RefreshTokenGrant`](super::RefreshTokenGrant) can be) sends its `client_id` as a form
+/// parameter and no credentials, whatever this says.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ClientAuth {
@@ -27,25 +31,32 @@ pub enum ClientAuth {
 pub(super) struct TokenRequest {
     uri: Uri,
     headers: HeaderMap,
-    body: Bytes,
+    /// The form-urlencoded body without the per-fetch parameters.
+    body: String,
+    /// Where per-fetch parameters go in `body`: right after `grant_type`.
+    insert_at: usize,
 }
 
 impl TokenRequest {
-    /// Encodes a client credentials request.
+    /// Encodes a request of the grant `grant_type`.
     ///
-    /// `params` follow `grant_type` in the body, in order; the client credentials come last
-    /// when they travel in the body. `extra_headers` replace the headers of the same name that
-    /// the request would otherwise carry.
-    pub(super) fn client_credentials(
+    /// The body is `grant_type`, then the per-fetch parameters given to
+    /// [`to_http_with`](Self::to_http_with), then `params` in order, then the client's
+    /// credentials when they travel in the body: `client_id` and `client_secret` with
+    /// [`ClientAuth::RequestBody`], `client_id` alone without a secret. `extra_headers`
+    /// replace the headers of the same name that the request would otherwise carry.
+    pub(super) fn new(
         uri: Uri,
+        grant_type: &str,
         client_id: &str,
-        client_secret: &str,
+        client_secret: Option<&str>,
         client_auth: ClientAuth,
         params: &[(String, String)],
         extra_headers: &HeaderMap,
     ) -> Self {
         let mut form = Form::default();
-        form.push("grant_type", "client_credentials");
+        form.push("grant_type", grant_type);
+        let insert_at = form.encoded.len();
         for (name, value) in params {
             form.push(name, value);
         }
@@ -56,14 +67,15 @@ impl TokenRequest {
             HeaderValue::from_static("application/x-www-form-urlencoded"),
         );
         headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
-        match client_auth {
-            ClientAuth::Basic => {
+        match (client_secret, client_auth) {
+            (None, _) => form.push("client_id", client_id),
+            (Some(client_secret), ClientAuth::Basic) => {
                 headers.insert(
                     header::AUTHORIZATION,
                     basic_authorization(client_id, client_secret),
                 );
             }
-            ClientAuth::RequestBody => {
+            (Some(client_secret), ClientAuth::RequestBody) => {
                 form.push("client_id", client_id);
                 form.push("client_secret", client_secret);
             }
@@ -78,7 +90,8 @@ impl TokenRequest {
         Self {
             uri,
             headers,
-            body: form.finish(),
+            body: form.encoded,
+            insert_at,
         }
     }
 
@@ -88,8 +101,29 @@ impl TokenRequest {
     }
 
     /// A fresh copy of the request, ready to send.
+    #[cfg(test)]
     pub(super) fn to_http(&self) -> Request<Full<Bytes>> {
-        let mut request = Request::new(Full::new(self.body.clone()));
+        self.to_http_with(&[])
+    }
+
+    /// A fresh copy of the request with `params` after `grant_type`, ready to send.
+    pub(super) fn to_http_with(&self, params: &[(&str, &str)]) -> Request<Full<Bytes>> {
+        let body = if params.is_empty() {
+            self.body.clone()
+        } else {
+            let (head, tail) = self.body.split_at(self.insert_at);
+            let mut form = Form {
+                encoded: String::with_capacity(self.body.len() + 64),
+            };
+            form.encoded.push_str(head);
+            for (name, value) in params {
+                form.push(name, value);
+            }
+            form.encoded.push_str(tail);
+            form.encoded
+        };
+
+        let mut request = Request::new(Full::new(Bytes::from(body)));
         *request.method_mut() = Method::POST;
         *request.uri_mut() = self.uri.clone();
         *request.headers_mut() = self.headers.clone();
@@ -130,10 +164,6 @@ impl Form {
         form_urlencode_into(&mut self.encoded, name);
         self.encoded.push('=');
         form_urlencode_into(&mut self.encoded, value);
-    }
-
-    fn finish(self) -> Bytes {
-        Bytes::from(self.encoded)
     }
 }
 
@@ -280,10 +310,11 @@ mod tests {
     fn request_body_auth_puts_credentials_last_in_the_form() {
         let params = [("scope".to_owned(), "read write".to_owned())];
 
-        let request = TokenRequest::client_credentials(
+        let request = TokenRequest::new(
             Uri::from_static("https://auth.example.com/token"),
+            "client_credentials",
             "id 1",
-            "s+cret",
+            Some("s+cret"),
             ClientAuth::RequestBody,
             &params,
             &HeaderMap::new(),
@@ -297,16 +328,69 @@ mod tests {
     }
 
     #[test]
+    fn public_client_sends_its_id_last_in_the_form_and_no_authorization() {
+        let params = [("scope".to_owned(), "read".to_owned())];
+
+        let request = TokenRequest::new(
+            Uri::from_static("https://auth.example.com/token"),
+            "refresh_token",
+            "app 1",
+            None,
+            ClientAuth::Basic,
+            &params,
+            &HeaderMap::new(),
+        );
+
+        assert_eq!(
+            request.body,
+            "grant_type=refresh_token&scope=read&client_id=app+1"
+        );
+        assert!(!request.headers.contains_key(header::AUTHORIZATION));
+    }
+
+    #[tokio::test]
+    async fn per_fetch_params_follow_the_grant_type_and_are_encoded() {
+        let params = [("scope".to_owned(), "read".to_owned())];
+        let request = TokenRequest::new(
+            Uri::from_static("https://auth.example.com/token"),
+            "refresh_token",
+            "id",
+            Some("secret"),
+            ClientAuth::RequestBody,
+            &params,
+            &HeaderMap::new(),
+        );
+
+        let with = request.to_http_with(&[("refresh_token", "r+1 /")]);
+        let without = request.to_http();
+
+        let body = |request: Request<Full<Bytes>>| async {
+            use http_body_util::BodyExt;
+            request.into_body().collect().await.unwrap().to_bytes()
+        };
+        assert_eq!(
+            body(with).await,
+            "grant_type=refresh_token&refresh_token=r%2B1+%2F&scope=read\
+             &client_id=id&client_secret=secret"
+        );
+        assert_eq!(
+            body(without).await,
+            "grant_type=refresh_token&scope=read&client_id=id&client_secret=secret"
+        );
+    }
+
+    #[test]
     fn extra_headers_replace_default_headers_of_the_same_name() {
         let mut extra = HeaderMap::new();
         extra.insert(header::ACCEPT, HeaderValue::from_static("application/jwt"));
         extra.append("x-tenant", HeaderValue::from_static("a"));
         extra.append("x-tenant", HeaderValue::from_static("b"));
 
-        let request = TokenRequest::client_credentials(
+        let request = TokenRequest::new(
             Uri::from_static("https://auth.example.com/token"),
+            "client_credentials",
             "id",
-            "secret",
+            Some("secret"),
             ClientAuth::Basic,
             &[],
             &extra,

@@ -15,8 +15,9 @@ use crate::{Error, Token};
 pub(super) struct ResponseContext<'a> {
     /// When the request was sent: expiry counts from here.
     pub(super) sent_at: Instant,
-    /// The scopes that were asked for; the token has them when the answer names none.
-    pub(super) requested_scopes: &'a [String],
+    /// The scopes the token has when the answer names none: the ones asked for, or for a
+    /// refresh that asked for none, those of the token it replaces.
+    pub(super) scopes_if_omitted: &'a [String],
     /// What must never be copied from a body into an error.
     pub(super) guard: &'a SecretGuard,
 }
@@ -86,11 +87,11 @@ fn token_from_fields(
         Some(_) => return Err(field_error("token_type", "not a string")),
     };
 
-    let lifetime =
-        lifetime(fields.get("expires_in")).map_err(|message| field_error("expires_in", message))?;
+    let lifetime = lifetime(fields.remove("expires_in").as_ref())
+        .map_err(|message| field_error("expires_in", message))?;
 
     let scopes = match fields.remove("scope") {
-        None | Some(Value::Null) => cx.requested_scopes.to_vec(),
+        None | Some(Value::Null) => cx.scopes_if_omitted.to_vec(),
         Some(Value::String(scope)) => scope.split_ascii_whitespace().map(String::from).collect(),
         Some(Value::Array(items)) => items
             .into_iter()
@@ -107,7 +108,11 @@ fn token_from_fields(
         _ => None,
     };
 
-    let mut token = Token::new(access_token).with_scopes(scopes);
+    // NOTE: what is left in `fields` are the fields no rule reads (`id_token`, vendor
+    // extensions): they travel with the token.
+    let mut token = Token::new(access_token)
+        .with_scopes(scopes)
+        .with_extra_fields(fields);
     if let Some(token_type) = token_type {
         token = token.with_token_type(token_type);
     }
@@ -120,17 +125,29 @@ fn token_from_fields(
     Ok(token)
 }
 
+/// Fields of a token response that hold credentials.
+const CREDENTIAL_FIELDS: [&str; 3] = ["access_token", "refresh_token", "id_token"];
+
 /// The §5.2 error of a body, if it names an `error` code.
+///
+/// A text field is dropped when it holds a guarded secret, or a credential that the same body
+/// carries (a confused server may send a token along with an error).
 fn oauth_error(
     status: StatusCode,
     fields: &Map<String, Value>,
     guard: &SecretGuard,
 ) -> Option<Error> {
+    let credentials: Vec<&str> = CREDENTIAL_FIELDS
+        .iter()
+        .filter_map(|name| fields.get(*name)?.as_str())
+        .filter(|credential| !credential.is_empty())
+        .collect();
     let text = |name: &str| {
         fields
             .get(name)
             .and_then(Value::as_str)
             .filter(|text| !text.is_empty() && !guard.reveals(text.as_bytes()))
+            .filter(|text| !credentials.iter().any(|c| text.contains(c)))
             .map(String::from)
     };
 
@@ -224,6 +241,13 @@ impl SecretGuard {
         Self { secrets }
     }
 
+    /// This guard, also looking for `more`: the refresh token a request presents, say.
+    pub(super) fn extended(&self, more: impl IntoIterator<Item = String>) -> Self {
+        let mut extended = Self::new(more);
+        extended.secrets.extend(self.secrets.iter().cloned());
+        extended
+    }
+
     /// Returns true when `text` holds one of the guarded strings.
     fn reveals(&self, text: &[u8]) -> bool {
         self.secrets
@@ -272,7 +296,7 @@ mod tests {
         let requested = ["read".to_owned(), "write".to_owned()];
         let cx = ResponseContext {
             sent_at,
-            requested_scopes: &requested,
+            scopes_if_omitted: &requested,
             guard: &guard,
         };
         parse_token_response(status, body.as_bytes(), &cx)
@@ -654,6 +678,21 @@ mod tests {
         assert_eq!(err.oauth_error(), Some("invalid_client"));
         assert_eq!(err.error_description(), None);
         assert!(!format!("{err} {err:?}").contains("client-s3cret"));
+    }
+
+    #[test]
+    fn error_fields_that_echo_a_token_of_the_same_body_are_dropped() {
+        let err = parse_err(
+            StatusCode::BAD_REQUEST,
+            &format!(
+                r#"{{"error":"invalid_request","error_description":"issued {ACCESS} anyway",
+                    "access_token":"{ACCESS}"}}"#
+            ),
+        );
+
+        assert_eq!(err.oauth_error(), Some("invalid_request"));
+        assert_eq!(err.error_description(), None);
+        assert!(!format!("{err} {err:?}").contains(ACCESS));
     }
 
     #[test]

@@ -332,7 +332,7 @@ async fn f19_bad_gateway_html_end_to_end_gives_status_and_excerpt() {
         StatusCode::BAD_GATEWAY,
         "<html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>",
     )]);
-    let source = endpoint.source(builder());
+    let source = endpoint.source(builder().max_attempts(1));
 
     let err = source.fetch(None).await.expect_err("a failure");
 
@@ -620,4 +620,48 @@ async fn r10_debug_log_of_token_requests_names_host_and_outcome_but_no_secret() 
     }
     assert!(!logs.contains(SECRET), "{logs}");
     assert!(!logs.contains(ACCESS), "{logs}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn r10_debug_log_of_a_retried_refresh_names_each_attempt_but_no_secret() {
+    use super::{
+        mock::{MockEndpoint, Reply},
+        RefreshTokenGrant,
+    };
+
+    let mock = MockEndpoint::replying([
+        Reply::status(StatusCode::SERVICE_UNAVAILABLE, "busy, try again")
+            .header(header::RETRY_AFTER, "1"),
+        Reply::ok(r#"{"access_token":"A2-access-value","refresh_token":"R2-rotated-value"}"#),
+    ]);
+    let source = RefreshTokenGrant::builder(TOKEN_URL, "my-app", "R1-presented-value")
+        .client_secret(SECRET)
+        .transport(mock.transport())
+        .build()
+        .expect("a source");
+    let logs = LogBuffer::default();
+    let _guard = logs.capture_debug_on_this_thread();
+
+    source.fetch(None).await.expect("a token");
+
+    let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let lines: Vec<_> = logs.lines().collect();
+    assert_eq!(lines.len(), 2, "{logs}");
+    assert!(lines[0].contains("token request failed"), "{logs}");
+    assert!(lines[0].contains("attempt=1"), "{logs}");
+    assert!(lines[0].contains("status=503"), "{logs}");
+    assert!(lines[0].contains("retry_in=Some(1s)"), "{logs}");
+    assert!(lines[1].contains("token request succeeded"), "{logs}");
+    assert!(lines[1].contains("attempt=2"), "{logs}");
+    for line in &lines {
+        assert!(line.contains("grant_type=\"refresh_token\""), "{line}");
+    }
+    for secret in [
+        SECRET,
+        "R1-presented-value",
+        "A2-access-value",
+        "R2-rotated-value",
+    ] {
+        assert!(!logs.contains(secret), "{secret} in {logs}");
+    }
 }
