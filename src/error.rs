@@ -20,7 +20,7 @@
 //! # let _ = describe;
 //! ```
 
-use std::{fmt, sync::Arc};
+use std::{fmt, sync::Arc, time::Duration};
 
 use http::StatusCode;
 
@@ -47,6 +47,7 @@ struct Inner {
     field: Option<&'static str>,
     excerpt: Option<String>,
     message: Option<&'static str>,
+    retry_after: Option<Duration>,
     source: Option<BoxError>,
 }
 
@@ -90,6 +91,7 @@ impl Error {
             field: None,
             excerpt: None,
             message: None,
+            retry_after: None,
             source: None,
         })
     }
@@ -109,6 +111,7 @@ impl Error {
             field: shared.field,
             excerpt: shared.excerpt.clone(),
             message: shared.message,
+            retry_after: shared.retry_after,
             // NOTE: a shared error is only ever extended while it is being built, before it
             // is cloned; losing the source here is not reachable in practice.
             source: None,
@@ -199,6 +202,11 @@ impl Error {
     pub(crate) fn with_excerpt(self, text: &str) -> Self {
         let excerpt = sanitize(text);
         self.with(|e| e.excerpt = Some(excerpt))
+    }
+
+    /// Adds the wait the token endpoint asked for with `Retry-After`.
+    pub(crate) fn with_retry_after(self, wait: Duration) -> Self {
+        self.with(|e| e.retry_after = Some(wait))
     }
 
     /// Adds the underlying error.
@@ -320,6 +328,12 @@ impl Error {
         self.inner.oauth.as_ref()?.uri.as_deref()
     }
 
+    /// How long the token endpoint asked callers to wait (`Retry-After` on a 429 or 503
+    /// answer). The layer waits at least this long (up to an hour) before its next refresh.
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.inner.retry_after
+    }
+
     /// The field of the token response that was missing or malformed.
     pub fn field(&self) -> Option<&str> {
         self.inner.field
@@ -407,6 +421,9 @@ impl fmt::Debug for Error {
         }
         if let Some(excerpt) = &inner.excerpt {
             d.field("excerpt", excerpt);
+        }
+        if let Some(retry_after) = inner.retry_after {
+            d.field("retry_after", &retry_after);
         }
         if let Some(source) = &inner.source {
             d.field("source", source);

@@ -599,7 +599,8 @@ impl TokenState {
         settings: &Settings,
     ) -> Duration {
         slot.consecutive_failures = slot.consecutive_failures.saturating_add(1);
-        let backoff = backoff(settings, slot.consecutive_failures);
+        let asked = error.retry_after().unwrap_or_default().min(MAX_BACKOFF);
+        let backoff = backoff(settings, slot.consecutive_failures).max(asked);
         let now = Instant::now();
         slot.failure = Some(Failure {
             generation: replaces,

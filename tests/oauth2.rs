@@ -306,3 +306,64 @@ async fn unknown_fields_of_the_answer_travel_with_the_token() {
     );
     assert!(!format!("{token:?}").contains("eyJ.x.y"));
 }
+
+#[tokio::test(start_paused = true)]
+async fn r9_the_layer_waits_as_long_as_retry_after_asks() {
+    let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = Arc::clone(&hits);
+    let transport = tower::service_fn(
+        move |_request: http::Request<http_body_util::Full<bytes::Bytes>>| {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async {
+                let response = http::Response::builder()
+                    .status(StatusCode::TOO_MANY_REQUESTS)
+                    .header("retry-after", "30")
+                    .body(http_body_util::Full::new(bytes::Bytes::new()))
+                    .unwrap();
+                Ok::<_, std::convert::Infallible>(response)
+            }
+        },
+    );
+    let source = ClientCredentials::builder("http://127.0.0.1:9/token", "client", "secret")
+        .transport(transport)
+        .build()
+        .unwrap();
+    let api = tower::service_fn(
+        |_request: http::Request<http_body_util::Full<bytes::Bytes>>| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
+                bytes::Bytes::new(),
+            )))
+        },
+    );
+    let service = ServiceBuilder::new()
+        .layer(RefreshLayer::new(source))
+        .service(api);
+    let call = || {
+        let service = service.clone();
+        async move {
+            let error = service.oneshot(get("http://api.test/")).await.unwrap_err();
+            *error.downcast::<Error>().unwrap()
+        }
+    };
+    let hits_now = || hits.load(std::sync::atomic::Ordering::SeqCst);
+
+    let first = call().await;
+    let hits_at_first = hits_now();
+    tokio::time::advance(Duration::from_secs(20)).await;
+    call().await;
+    let hits_within_the_wait = hits_now();
+    tokio::time::advance(Duration::from_secs(11)).await;
+    call().await;
+
+    assert_eq!(first.retry_after(), Some(Duration::from_secs(30)));
+    assert_eq!(first.status(), Some(StatusCode::TOO_MANY_REQUESTS));
+    assert_eq!(
+        hits_at_first, 1,
+        "a wait longer than the retry budget is not waited out"
+    );
+    assert_eq!(
+        hits_within_the_wait, 1,
+        "the layer waits as asked, not its own 1 s"
+    );
+    assert_eq!(hits_now(), 2);
+}

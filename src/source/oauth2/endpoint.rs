@@ -116,9 +116,11 @@ impl Endpoint {
                 gave_up,
                 "token request failed"
             );
-            match retry_in {
-                Some(delay) => tokio::time::sleep(delay).await,
-                None => return Err(error),
+            match (retry_in, failure.retry_after) {
+                (Some(delay), _) => tokio::time::sleep(delay).await,
+                // The layer waits as long as the server asked before it asks again.
+                (None, Some(wait)) => return Err(error.with_retry_after(wait)),
+                (None, None) => return Err(error),
             }
             attempt += 1;
         }
