@@ -5,18 +5,36 @@
 //!
 //! - Bodies whose type says they are cheap to copy implement [`ReplayBody`]: `Full`, `Empty`,
 //!   `String`, and `Either` of two such bodies.
-//! - Boxed bodies (`BoxBody`, `UnsyncBoxBody`) are replayed when they are known to be empty,
-//!   as a body-less `GET` is; any other boxed or streaming body is sent once, and when it is
-//!   rejected the caller gets the rejection as it is (the token is still refreshed for the
-//!   next call).
+//! - Boxed bodies (`BoxBody`, `UnsyncBoxBody`) that are known to be empty, as a body-less
+//!   `GET` is, are rebuilt for free.
+//! - Other boxed bodies stream through as they are produced, while the layer keeps a copy of
+//!   what was sent, up to [`RefreshLayer::replay_limit`] bytes (64 KiB by default). When a
+//!   rejection arrives and the whole body, trailers included, was captured within the limit,
+//!   the retry replays it byte for byte. When the limit was passed or the body was not
+//!   finished, the caller gets the rejection as it is, and the token is still refreshed for
+//!   the next call. The copy is dropped as soon as the call is decided.
 //! - Any other body type can be replayed by implementing [`ReplayBody`] for it, or by giving
 //!   the layer a clone function with [`RefreshLayer::replay_with`].
 //!
 //! [`RefreshLayer::replay_with`]: crate::RefreshLayer::replay_with
+//! [`RefreshLayer::replay_limit`]: crate::RefreshLayer::replay_limit
 
-use bytes::Buf;
-use http_body::Body;
-use http_body_util::{combinators::BoxBody, combinators::UnsyncBoxBody, Either, Empty, Full};
+use std::{
+    collections::VecDeque,
+    convert::Infallible,
+    fmt,
+    pin::Pin,
+    sync::{Arc, Mutex, PoisonError},
+    task::{ready, Context, Poll},
+};
+
+use bytes::{Buf, Bytes};
+use http::{HeaderMap, Request};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{
+    combinators::BoxBody, combinators::UnsyncBoxBody, BodyExt, Either, Empty, Full,
+};
+use pin_project_lite::pin_project;
 
 /// A body that may be able to make a copy of itself for a retry.
 ///
@@ -56,7 +74,24 @@ pub trait ReplayBody: Body + Sized {
     ///
     /// It is called before the body is sent, once per request that may be retried.
     fn try_clone(&self) -> Option<Self>;
+
+    /// Wraps this body, when no copy could be made, so that `capture` keeps what it yields
+    /// while it streams. Only body types that can hold a body of another type can: boxed
+    /// bodies. Default: `Err(self)`, the body is sent once.
+    fn capture(self, capture: &BodyCapture) -> Result<Self, Self> {
+        let _ = capture;
+        Err(self)
+    }
+
+    /// A body that yields what was captured, for the retry. Default: `None`.
+    fn from_captured(captured: CapturedBody) -> Option<Self> {
+        let _ = captured;
+        None
+    }
 }
+
+/// Rebuilds a body of type `B` from what was captured of it.
+pub type Rebuild<B> = fn(CapturedBody) -> Option<B>;
 
 /// Decides how a request body is copied for a retry.
 ///
@@ -66,6 +101,13 @@ pub trait ReplayBody: Body + Sized {
 pub trait ReplayPolicy<B> {
     /// Returns a copy of `body` for a retry, or `None` when the request cannot be retried.
     fn replay(&self, body: &B) -> Option<B>;
+
+    /// Wraps a body that could not be copied so that `capture` keeps what it yields, and says
+    /// how to rebuild the body from the capture. Default: `Err(body)`, the body is sent once.
+    fn capture(&self, body: B, capture: &BodyCapture) -> Result<(B, Rebuild<B>), B> {
+        let _ = capture;
+        Err(body)
+    }
 }
 
 /// The default [`ReplayPolicy`]: bodies that implement [`ReplayBody`] say for themselves.
@@ -75,6 +117,11 @@ pub struct ReplayBodies;
 impl<B: ReplayBody> ReplayPolicy<B> for ReplayBodies {
     fn replay(&self, body: &B) -> Option<B> {
         body.try_clone()
+    }
+
+    fn capture(&self, body: B, capture: &BodyCapture) -> Result<(B, Rebuild<B>), B> {
+        body.capture(capture)
+            .map(|body| (body, B::from_captured as Rebuild<B>))
     }
 }
 
@@ -121,23 +168,341 @@ where
     }
 }
 
-impl<D, E> ReplayBody for BoxBody<D, E>
+impl<E> ReplayBody for BoxBody<Bytes, E>
 where
-    D: Buf + Send + Sync + 'static,
     E: 'static,
 {
     fn try_clone(&self) -> Option<Self> {
         self.is_end_stream().then(BoxBody::default)
     }
+
+    fn capture(self, capture: &BodyCapture) -> Result<Self, Self> {
+        Ok(capture.wrap(self).boxed())
+    }
+
+    fn from_captured(captured: CapturedBody) -> Option<Self> {
+        Some(captured.map_err(|never| match never {}).boxed())
+    }
 }
 
-impl<D, E> ReplayBody for UnsyncBoxBody<D, E>
+impl<E> ReplayBody for UnsyncBoxBody<Bytes, E>
 where
-    D: Buf + Send + 'static,
     E: 'static,
 {
     fn try_clone(&self) -> Option<Self> {
         self.is_end_stream().then(UnsyncBoxBody::default)
+    }
+
+    fn capture(self, capture: &BodyCapture) -> Result<Self, Self> {
+        Ok(capture.wrap(self).boxed_unsync())
+    }
+
+    fn from_captured(captured: CapturedBody) -> Option<Self> {
+        Some(captured.map_err(|never| match never {}).boxed_unsync())
+    }
+}
+
+/// A copy of a streaming request body, kept while the body is sent, up to a byte limit.
+///
+/// Made by the layer for a body that cannot be copied up front; [`ReplayBody::capture`] wraps
+/// the body with [`BodyCapture::wrap`]. Cloning shares the copy.
+#[derive(Clone)]
+pub struct BodyCapture {
+    shared: Arc<Mutex<Capture>>,
+}
+
+struct Capture {
+    limit: usize,
+    len: usize,
+    chunks: VecDeque<Bytes>,
+    trailers: Option<HeaderMap>,
+    status: CaptureStatus,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CaptureStatus {
+    /// Frames are being captured.
+    Open,
+    /// The whole body was captured.
+    Complete,
+    /// The body passed the limit, failed, or the call was decided: nothing is kept.
+    Dropped,
+}
+
+impl BodyCapture {
+    /// A capture that keeps at most `limit` bytes of data.
+    pub(crate) fn new(limit: usize) -> Self {
+        Self {
+            shared: Arc::new(Mutex::new(Capture {
+                limit,
+                len: 0,
+                chunks: VecDeque::new(),
+                trailers: None,
+                status: CaptureStatus::Open,
+            })),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Capture> {
+        self.shared.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Wraps `body` so that what it yields is kept, as long as it stays within the limit.
+    /// The frames pass through unchanged and at once.
+    pub fn wrap<B>(&self, body: B) -> CapturingBody<B>
+    where
+        B: Body<Data = Bytes>,
+    {
+        if body.is_end_stream() {
+            self.lock().finish();
+        }
+        CapturingBody {
+            inner: body,
+            capture: self.clone(),
+        }
+    }
+
+    /// Takes what was captured, if the whole body was; the capture keeps nothing afterwards.
+    pub(crate) fn take(&self) -> Option<CapturedBody> {
+        let mut capture = self.lock();
+        let complete = capture.status == CaptureStatus::Complete;
+        let captured = CapturedBody {
+            chunks: std::mem::take(&mut capture.chunks),
+            trailers: capture.trailers.take(),
+        };
+        capture.drop_all();
+        complete.then_some(captured)
+    }
+
+    /// Drops what was captured and stops capturing: the call is decided.
+    pub(crate) fn release(&self) {
+        self.lock().drop_all();
+    }
+}
+
+impl Capture {
+    fn record<D: Buf>(&mut self, frame: &Frame<D>, data: impl FnOnce() -> Bytes) {
+        if self.status != CaptureStatus::Open {
+            return;
+        }
+        if let Some(chunk) = frame.data_ref() {
+            self.len = self.len.saturating_add(chunk.remaining());
+            if self.len > self.limit {
+                tracing::trace!(limit = self.limit, "request body passed the replay limit");
+                self.drop_all();
+                return;
+            }
+            self.chunks.push_back(data());
+        } else if let Some(trailers) = frame.trailers_ref() {
+            // NOTE: trailers are the last frame; a client may not ask for more.
+            self.trailers = Some(trailers.clone());
+            self.finish();
+        }
+    }
+
+    fn finish(&mut self) {
+        if self.status == CaptureStatus::Open {
+            self.status = CaptureStatus::Complete;
+        }
+    }
+
+    fn drop_all(&mut self) {
+        self.status = CaptureStatus::Dropped;
+        self.chunks = VecDeque::new();
+        self.trailers = None;
+    }
+}
+
+impl fmt::Debug for BodyCapture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let capture = self.lock();
+        f.debug_struct("BodyCapture")
+            .field("limit", &capture.limit)
+            .field("len", &capture.len)
+            .field("status", &capture.status)
+            .finish()
+    }
+}
+
+pin_project! {
+    /// A body that passes its frames through while a [`BodyCapture`] keeps a copy.
+    pub struct CapturingBody<B> {
+        #[pin]
+        inner: B,
+        capture: BodyCapture,
+    }
+}
+
+impl<B> Body for CapturingBody<B>
+where
+    B: Body<Data = Bytes>,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.project();
+        let frame = ready!(this.inner.poll_frame(cx));
+
+        let mut capture = this.capture.lock();
+        match &frame {
+            Some(Ok(frame)) => {
+                // NOTE: `Bytes` clones share the buffer: the copy costs no bytes of its own.
+                capture.record(frame, || frame.data_ref().cloned().unwrap_or_default());
+            }
+            Some(Err(_)) => capture.drop_all(),
+            None => capture.finish(),
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let end = self.inner.is_end_stream();
+        if end {
+            // NOTE: a client may stop polling once the body says it has ended.
+            self.capture.lock().finish();
+        }
+        end
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<B> fmt::Debug for CapturingBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CapturingBody")
+            .field("capture", &self.capture)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a request keeps for its retry: a copy made up front, or a capture of its body.
+pub(crate) enum Replay<B> {
+    Copy(Request<B>),
+    Capture {
+        head: Request<()>,
+        capture: Held,
+        rebuild: Rebuild<B>,
+    },
+}
+
+/// A capture that is dropped, with what it holds, as soon as the call no longer needs it.
+pub(crate) struct Held(BodyCapture);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.release();
+    }
+}
+
+impl<B> Replay<B> {
+    /// Keeps what `request` needs for a retry, or nothing when it cannot be retried: a copy
+    /// of the body when the policy can make one, else a capture of at most `limit` bytes.
+    pub(crate) fn prepare<P>(
+        request: Request<B>,
+        policy: &P,
+        limit: usize,
+    ) -> (Request<B>, Option<Self>)
+    where
+        P: ReplayPolicy<B>,
+    {
+        if let Some(body) = policy.replay(request.body()) {
+            let copy = head_of(&request).map(|()| body);
+            return (request, Some(Replay::Copy(copy)));
+        }
+        if limit == 0 {
+            return (request, None);
+        }
+
+        let (parts, body) = request.into_parts();
+        let capture = BodyCapture::new(limit);
+        match policy.capture(body, &capture) {
+            Ok((body, rebuild)) => {
+                let request = Request::from_parts(parts, body);
+                let head = head_of(&request);
+                let replay = Replay::Capture {
+                    head,
+                    capture: Held(capture),
+                    rebuild,
+                };
+                (request, Some(replay))
+            }
+            Err(body) => (Request::from_parts(parts, body), None),
+        }
+    }
+
+    /// The request to send again: the copy, or the captured body if it was captured whole.
+    pub(crate) fn into_request(self) -> Option<Request<B>> {
+        match self {
+            Replay::Copy(request) => Some(request),
+            Replay::Capture {
+                head,
+                capture,
+                rebuild,
+            } => {
+                let body = rebuild(capture.0.take()?)?;
+                Some(head.map(|()| body))
+            }
+        }
+    }
+}
+
+/// A copy of everything of `request` but its body.
+fn head_of<B>(request: &Request<B>) -> Request<()> {
+    let mut head = Request::new(());
+    *head.method_mut() = request.method().clone();
+    *head.uri_mut() = request.uri().clone();
+    *head.version_mut() = request.version();
+    *head.headers_mut() = request.headers().clone();
+    *head.extensions_mut() = request.extensions().clone();
+    head
+}
+
+/// What was captured of a request body: its data and trailers, to be sent again.
+pub struct CapturedBody {
+    chunks: VecDeque<Bytes>,
+    trailers: Option<HeaderMap>,
+}
+
+impl Body for CapturedBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if let Some(chunk) = self.chunks.pop_front() {
+            return Poll::Ready(Some(Ok(Frame::data(chunk))));
+        }
+        Poll::Ready(
+            self.trailers
+                .take()
+                .map(|trailers| Ok(Frame::trailers(trailers))),
+        )
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.chunks.is_empty() && self.trailers.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let len = self.chunks.iter().map(|chunk| chunk.len() as u64).sum();
+        SizeHint::with_exact(len)
+    }
+}
+
+impl fmt::Debug for CapturedBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CapturedBody")
+            .field("chunks", &self.chunks.len())
+            .field("trailers", &self.trailers.is_some())
+            .finish()
     }
 }
 

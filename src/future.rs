@@ -16,6 +16,7 @@ use pin_project_lite::pin_project;
 use tower::Service;
 
 use crate::{
+    body::Replay,
     layer::Common,
     service::Retried,
     state::{Cause, Counters, Installed, TokenState},
@@ -45,8 +46,8 @@ pin_project! {
         // The request and the service to send it on, while they wait for a token or for the
         // service to become ready.
         pending: Option<(Request<B>, S)>,
-        // The copy of the request and the service for the retry.
-        retry: Option<(Request<B>, S)>,
+        // What the request keeps for its retry, and the service for it.
+        retry: Option<(Replay<B>, S)>,
     }
 }
 
@@ -88,7 +89,7 @@ where
         future: S::Future,
         common: Arc<Common>,
         generation: u64,
-        retry: Option<(Request<B>, S)>,
+        retry: Option<(Replay<B>, S)>,
     ) -> Self {
         Self {
             state: State::First { future },
@@ -105,7 +106,7 @@ where
         cause: Cause,
         service: S,
         request: Request<B>,
-        retry: Option<(Request<B>, S)>,
+        retry: Option<(Replay<B>, S)>,
     ) -> Self {
         let token = Box::pin(Arc::clone(&common.state).renew(seen, cause));
         Self {
@@ -158,19 +159,25 @@ where
                     let mut response = match result {
                         Ok(response) => response,
                         Err(error) => {
+                            *this.retry = None;
                             this.state.set(State::Done);
                             return Poll::Ready(Err(error.into()));
                         }
                     };
                     let common = this.common.as_ref().expect("first attempt without common");
                     if !judge(common, &mut response) {
+                        // NOTE: dropping the retry's share releases a captured body at once.
+                        *this.retry = None;
                         this.state.set(State::Done);
                         return Poll::Ready(Ok(response));
                     }
 
                     let state = Arc::clone(&common.state);
                     let generation = *this.generation;
-                    if this.retry.is_none() {
+                    *this.pending = this.retry.take().and_then(|(replay, service)| {
+                        replay.into_request().map(|request| (request, service))
+                    });
+                    if this.pending.is_none() {
                         // The rejection goes back as it is; the next call gets a new token.
                         tracing::debug!(generation, "token rejected, request cannot be retried");
                         Counters::bump(&state.counters.passed_through);
@@ -193,7 +200,8 @@ where
                         }
                     };
                     let common = this.common.as_ref().expect("renewing without common");
-                    let (mut request, service) = this.retry.take().expect("renewing without retry");
+                    let (mut request, service) =
+                        this.pending.take().expect("renewing without a request");
 
                     request
                         .headers_mut()

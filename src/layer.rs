@@ -60,7 +60,11 @@ pub(crate) struct Common {
     pub(crate) replace_existing: bool,
     pub(crate) origins: Option<Arc<[Origin]>>,
     pub(crate) classifier: Classifier,
+    pub(crate) replay_limit: usize,
 }
+
+/// How much of a streaming request body is kept for a retry, unless configured.
+const DEFAULT_REPLAY_LIMIT: usize = 64 * 1024;
 
 impl RefreshLayer {
     /// A layer that takes its tokens from `source`.
@@ -76,6 +80,7 @@ impl RefreshLayer {
                 replace_existing: false,
                 origins: None,
                 classifier: Classifier::default(),
+                replay_limit: DEFAULT_REPLAY_LIMIT,
             }),
             replay: ReplayBodies,
         }
@@ -226,6 +231,18 @@ impl<R> RefreshLayer<R> {
             s.max_failure_backoff = backoff.max(Duration::from_secs(30));
         });
         self
+    }
+
+    /// How many bytes of a streaming request body (one that cannot be copied up front, such as
+    /// a boxed body) are kept while it is sent, so that a rejected request can be replayed
+    /// byte for byte. A body that is longer, or not finished when the rejection arrives, is
+    /// not retried: the caller gets the rejection, and the next call gets a new token. `0`
+    /// keeps nothing.
+    ///
+    /// Default: 64 KiB per request in flight, released as soon as the call is decided.
+    #[must_use]
+    pub fn replay_limit(self, bytes: usize) -> Self {
+        self.with_common(|c| c.replay_limit = bytes)
     }
 
     /// Copies request bodies for retries with `replay` instead of [`ReplayBody`].

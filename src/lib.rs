@@ -84,7 +84,7 @@
 #![deny(unreachable_pub)]
 #![warn(missing_docs)]
 
-mod body;
+pub mod body;
 mod classify;
 pub mod error;
 pub mod future;

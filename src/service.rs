@@ -11,7 +11,7 @@ use http_body::Body;
 use tower::Service;
 
 use crate::{
-    body::{ReplayBodies, ReplayPolicy},
+    body::{Replay, ReplayBodies, ReplayPolicy},
     future::ResponseFuture,
     layer::{Common, Origin},
     state::Current,
@@ -85,7 +85,7 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+    fn call(&mut self, request: Request<B>) -> Self::Future {
         // NOTE: the service that was driven to readiness takes this request; a clone stays
         // behind for the next one (the tower rule for cloned inner services).
         let clone = self.inner.clone();
@@ -96,11 +96,13 @@ where
         }
 
         let common = Arc::clone(&self.common);
-        let retry = if common.retry && request.extensions().get::<Retried>().is_none() {
-            copy_request(&request, &self.replay).map(|copy| (copy, self.inner.clone()))
-        } else {
-            None
-        };
+        let (mut request, retry) =
+            if common.retry && request.extensions().get::<Retried>().is_none() {
+                let (request, replay) = Replay::prepare(request, &self.replay, common.replay_limit);
+                (request, replay.map(|replay| (replay, self.inner.clone())))
+            } else {
+                (request, None)
+            };
 
         match common.state.current() {
             Current::Ready { header, generation } => {
@@ -122,19 +124,6 @@ where
             }
         }
     }
-}
-
-/// A copy of `request` for a retry, when its body can be copied.
-fn copy_request<B, R: ReplayPolicy<B>>(request: &Request<B>, replay: &R) -> Option<Request<B>> {
-    let body = replay.replay(request.body())?;
-
-    let mut copy = Request::new(body);
-    *copy.method_mut() = request.method().clone();
-    *copy.uri_mut() = request.uri().clone();
-    *copy.version_mut() = request.version();
-    *copy.headers_mut() = request.headers().clone();
-    *copy.extensions_mut() = request.extensions().clone();
-    Some(copy)
 }
 
 impl<S: Clone, R: Clone> Clone for Refresh<S, R> {
