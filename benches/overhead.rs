@@ -32,9 +32,9 @@ fn inner() -> impl Service<Request<Body>, Response = Response<Body>, Error = Inf
 }
 
 /// One request through `service`, start to finish, without a runtime.
-fn drive<S>(service: &mut S, request: Request<Body>) -> Response<Body>
+fn drive<S, B>(service: &mut S, request: Request<Body>) -> Response<B>
 where
-    S: Service<Request<Body>, Response = Response<Body>>,
+    S: Service<Request<Body>, Response = Response<B>>,
     S::Error: std::fmt::Debug,
 {
     let mut cx = Context::from_waker(Waker::noop());

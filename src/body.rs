@@ -36,6 +36,8 @@ use http_body_util::{
 };
 use pin_project_lite::pin_project;
 
+use crate::{classify::is_grpc_unauthenticated, state::TokenState};
+
 /// A body that may be able to make a copy of itself for a retry.
 ///
 /// Implement it for your own body type when copying it is cheap:
@@ -377,6 +379,84 @@ impl<B> fmt::Debug for CapturingBody<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CapturingBody")
             .field("capture", &self.capture)
+            .finish_non_exhaustive()
+    }
+}
+
+pin_project! {
+    /// The response body of [`Refresh`](crate::Refresh): the inner service's body, passed
+    /// through unchanged.
+    ///
+    /// For a gRPC response, its trailers are watched: a `grpc-status: 16` (UNAUTHENTICATED)
+    /// after a streamed response cannot be retried, since the call already ran, but it marks
+    /// the token the call was sent with, so that the next call refreshes first (R7).
+    pub struct ResponseBody<B> {
+        #[pin]
+        inner: B,
+        watch: Option<Watch>,
+    }
+}
+
+/// The token a watched response was answered for.
+struct Watch {
+    state: Arc<TokenState>,
+    generation: u64,
+}
+
+impl<B> ResponseBody<B> {
+    pub(crate) fn plain(inner: B) -> Self {
+        Self { inner, watch: None }
+    }
+
+    pub(crate) fn watched(inner: B, state: Arc<TokenState>, generation: u64) -> Self {
+        Self {
+            inner,
+            watch: Some(Watch { state, generation }),
+        }
+    }
+
+    /// The inner service's body.
+    pub fn into_inner(self) -> B {
+        self.inner
+    }
+}
+
+impl<B: Body> Body for ResponseBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let this = self.project();
+        let frame = ready!(this.inner.poll_frame(cx));
+
+        if let Some(Ok(frame)) = &frame {
+            if let Some(trailers) = frame.trailers_ref() {
+                if let Some(watch) = this.watch.take() {
+                    if is_grpc_unauthenticated(trailers) {
+                        watch.state.suspect(watch.generation);
+                    }
+                }
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<B> fmt::Debug for ResponseBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseBody")
+            .field("watched", &self.watch.is_some())
             .finish_non_exhaustive()
     }
 }

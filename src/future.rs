@@ -16,7 +16,7 @@ use pin_project_lite::pin_project;
 use tower::Service;
 
 use crate::{
-    body::Replay,
+    body::{Replay, ResponseBody},
     layer::Common,
     service::Retried,
     state::{Cause, Counters, Installed, TokenState},
@@ -125,7 +125,7 @@ where
     S::Error: Into<BoxError>,
     ResBody: Body + Send + 'static,
 {
-    type Output = Result<Response<ResBody>, BoxError>;
+    type Output = Result<Response<ResponseBody<ResBody>>, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
@@ -134,7 +134,7 @@ where
                 StateProj::Passthrough { future } => {
                     let result = ready!(future.poll(cx)).map_err(Into::into);
                     this.state.set(State::Done);
-                    return Poll::Ready(result);
+                    return Poll::Ready(result.map(|r| r.map(ResponseBody::plain)));
                 }
                 StateProj::Waiting { token } => {
                     let installed = match ready!(token.as_mut().poll(cx)) {
@@ -169,7 +169,7 @@ where
                         // NOTE: dropping the retry's share releases a captured body at once.
                         *this.retry = None;
                         this.state.set(State::Done);
-                        return Poll::Ready(Ok(response));
+                        return Poll::Ready(Ok(watched(common, *this.generation, response)));
                     }
 
                     let state = Arc::clone(&common.state);
@@ -183,7 +183,7 @@ where
                         Counters::bump(&state.counters.passed_through);
                         state.refresh_soon(generation, Cause::Rejected);
                         this.state.set(State::Done);
-                        return Poll::Ready(Ok(response));
+                        return Poll::Ready(Ok(response.map(ResponseBody::plain)));
                     }
 
                     tracing::debug!(generation, "token rejected, retrying with a new one");
@@ -243,12 +243,32 @@ where
                             "retried request rejected again"
                         );
                         Counters::bump(&common.state.counters.passed_through);
+                        return Poll::Ready(Ok(response.map(ResponseBody::plain)));
                     }
-                    return Poll::Ready(Ok(response));
+                    return Poll::Ready(Ok(watched(common, *this.generation, response)));
                 }
                 StateProj::Done => panic!("ResponseFuture polled after completion"),
             }
         }
+    }
+}
+
+/// Wraps an accepted response's body; a gRPC response's trailers are watched for
+/// UNAUTHENTICATED (R7), which marks the token it was sent with so the next call refreshes.
+fn watched<ResBody>(
+    common: &Common,
+    generation: u64,
+    response: Response<ResBody>,
+) -> Response<ResponseBody<ResBody>> {
+    let grpc = response
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|value| value.as_bytes().starts_with(b"application/grpc"));
+    if grpc {
+        let state = Arc::clone(&common.state);
+        response.map(|body| ResponseBody::watched(body, state, generation))
+    } else {
+        response.map(ResponseBody::plain)
     }
 }
 

@@ -95,7 +95,7 @@ pub mod source;
 mod state;
 mod token;
 
-pub use body::{ReplayBodies, ReplayBody, ReplayPolicy};
+pub use body::{ReplayBodies, ReplayBody, ReplayPolicy, ResponseBody};
 pub use classify::Challenge;
 pub use error::{BoxError, Error};
 pub use handle::{RefreshHandle, Stats, TokenInfo, TokenUpdates};

@@ -11,7 +11,7 @@ use http_body::Body;
 use tower::Service;
 
 use crate::{
-    body::{Replay, ReplayBodies, ReplayPolicy},
+    body::{Replay, ReplayBodies, ReplayPolicy, ResponseBody},
     future::ResponseFuture,
     layer::{Common, Origin},
     state::Current,
@@ -77,7 +77,7 @@ where
     R: ReplayPolicy<B>,
     ResBody: Body + Send + 'static,
 {
-    type Response = Response<ResBody>;
+    type Response = Response<ResponseBody<ResBody>>;
     type Error = BoxError;
     type Future = ResponseFuture<S, B>;
 

@@ -350,6 +350,28 @@ impl TokenState {
         Self::redeem(ticket).await
     }
 
+    /// Marks generation `generation`, when it is still in service, as rejected by a server
+    /// after its response had started (gRPC UNAUTHENTICATED in trailers): the next caller
+    /// refreshes first.
+    pub(crate) fn suspect(&self, generation: u64) {
+        Counters::bump(&self.counters.rejections);
+        Counters::bump(&self.counters.passed_through);
+        if let Some(current) = self.current.load().as_ref() {
+            if current.generation == generation {
+                tracing::debug!(
+                    generation,
+                    "token rejected in trailers, refreshing before the next call"
+                );
+                let _ = current.invalidated.compare_exchange(
+                    VALID,
+                    REJECTED,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
+            }
+        }
+    }
+
     /// Marks the token in service as unusable, so the next caller refreshes first.
     pub(crate) fn invalidate(&self) {
         if let Some(current) = self.current.load().as_ref() {

@@ -334,7 +334,7 @@ async fn drive<S>(service: &S, api: &ProtectedApi) -> (Vec<Result<StatusCode, St
 where
     S: tower::Service<
             Request<Full<Bytes>>,
-            Response = http::Response<hyper::body::Incoming>,
+            Response = http::Response<tower_token_refresh::ResponseBody<hyper::body::Incoming>>,
             Error = BoxError,
         > + Clone
         + Send
@@ -399,7 +399,7 @@ async fn call<S>(service: &S, url: &str) -> Result<StatusCode, String>
 where
     S: tower::Service<
             Request<Full<Bytes>>,
-            Response = http::Response<hyper::body::Incoming>,
+            Response = http::Response<tower_token_refresh::ResponseBody<hyper::body::Incoming>>,
             Error = BoxError,
         > + Clone,
 {

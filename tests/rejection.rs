@@ -400,3 +400,92 @@ async fn r9_a_failed_refresh_after_a_rejection_is_a_typed_error_and_nothing_is_r
         "the request is not sent again without a new token"
     );
 }
+
+/// A gRPC response body: one message, then trailers with `status`.
+struct GrpcBody {
+    message: Option<Bytes>,
+    status: &'static str,
+    done: bool,
+}
+
+impl http_body::Body for GrpcBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(message) = self.message.take() {
+            return Poll::Ready(Some(Ok(Frame::data(message))));
+        }
+        if self.done {
+            return Poll::Ready(None);
+        }
+        self.done = true;
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static(self.status));
+        Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+    }
+}
+
+#[tokio::test]
+async fn f14_unauthenticated_in_trailers_is_not_replayed_but_the_next_call_refreshes() {
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = Arc::clone(&seen);
+    let inner = tower::service_fn(move |request: Request<Full<Bytes>>| {
+        let token = request.headers()[http::header::AUTHORIZATION]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        record.lock().unwrap().push(token.clone());
+        async move {
+            let status = if token == "Bearer token-1" { "16" } else { "0" };
+            let body = GrpcBody {
+                message: Some(Bytes::from_static(b"\0\0\0\0\x02hi")),
+                status,
+                done: false,
+            };
+            let response = http::Response::builder()
+                .header("content-type", "application/grpc")
+                .body(body)
+                .unwrap();
+            Ok::<_, BoxError>(response)
+        }
+    });
+    let tokens = Counting::new();
+    let layer = RefreshLayer::new(tokens.source(None, Duration::ZERO));
+    let handle = layer.handle();
+    let service = ServiceBuilder::new().layer(layer).service(inner);
+
+    let streamed = service
+        .clone()
+        .oneshot(get("http://grpc.test/svc/Stream"))
+        .await
+        .unwrap();
+    let collected = streamed.into_body().collect().await.unwrap();
+    let next = service
+        .clone()
+        .oneshot(get("http://grpc.test/svc/Stream"))
+        .await
+        .unwrap();
+    let next_trailers = next.into_body().collect().await.unwrap();
+
+    assert_eq!(
+        collected.trailers().unwrap()["grpc-status"],
+        "16",
+        "passed on as it is"
+    );
+    assert_eq!(next_trailers.trailers().unwrap()["grpc-status"], "0");
+    assert_eq!(
+        *seen.lock().unwrap(),
+        ["Bearer token-1", "Bearer token-2"],
+        "not replayed; the next call refreshed first"
+    );
+    assert_eq!(tokens.calls(), 2);
+    let stats = handle.stats();
+    assert_eq!(
+        (stats.rejections, stats.retries, stats.passed_through),
+        (1, 0, 1)
+    );
+}

@@ -155,7 +155,7 @@ fn valid_tokens_api(
 async fn ten_calls(
     service: impl tower::Service<
             Request<Full<Bytes>>,
-            Response = http::Response<hyper::body::Incoming>,
+            Response = http::Response<tower_token_refresh::ResponseBody<hyper::body::Incoming>>,
             Error = tower_token_refresh::BoxError,
             Future = impl Send + 'static,
         > + Clone
