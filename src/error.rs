@@ -328,8 +328,9 @@ impl Error {
         self.inner.oauth.as_ref()?.uri.as_deref()
     }
 
-    /// How long the token endpoint asked callers to wait (`Retry-After` on a 429 or 503
-    /// answer). The layer waits at least this long (up to an hour) before its next refresh.
+    /// How long the token endpoint asked callers to wait, with `Retry-After` on an error
+    /// answer (a 429 or 503, usually). The layer waits at least this long before its next
+    /// refresh, up to its longest failure back-off (30 s by default).
     pub fn retry_after(&self) -> Option<Duration> {
         self.inner.retry_after
     }

@@ -130,7 +130,9 @@ impl RefreshHandle {
     ///
     /// # Errors
     ///
-    /// The error of the refresh.
+    /// The error of the refresh; a timeout error at once while a late refresh of a source
+    /// that rotates credentials is still being answered (see
+    /// [`TokenSource::rotates_credentials`](crate::TokenSource::rotates_credentials)).
     pub async fn refresh(&self) -> Result<TokenInfo, Error> {
         let installed = Arc::clone(&self.state).force().await?;
         Ok(TokenInfo::of(&installed))

@@ -221,7 +221,8 @@ impl<R> RefreshLayer<R> {
 
     /// After a failed refresh, callers get the same error without a new attempt for this
     /// long, doubled for each failure in a row up to 30 seconds (or `backoff`, if that is
-    /// longer), and scaled by a random factor between 0.5 and 1 (R9).
+    /// longer), and scaled by a random factor between 0.5 and 1 (R9). A token endpoint's
+    /// `Retry-After` lengthens the wait, up to that same longest back-off.
     ///
     /// Default: 1 second. Shared by every clone of this layer.
     #[must_use]

@@ -490,9 +490,10 @@ impl TokenState {
 
     /// The refresh task: fetch, install, publish.
     ///
-    /// Waiters get an outcome within the refresh timeout. A fetch that takes longer goes on
-    /// (R4: a rotated refresh token must not be lost) for up to twice the timeout more, while
-    /// callers get the timeout error and no second refresh starts.
+    /// Waiters get an outcome within the refresh timeout. A fetch that takes longer is
+    /// cancelled, unless its source rotates credentials: then it goes on (R4: a rotated
+    /// refresh token must not be lost) for up to [`late_grace`] more, while callers get the
+    /// timeout error and no second refresh starts.
     async fn fly(
         self: Arc<Self>,
         id: u64,
@@ -507,19 +508,23 @@ impl TokenState {
         let settings = self.settings();
         let started = Instant::now();
 
+        let rotates = self.source.rotates_credentials();
         let mut fetch = Arc::clone(&self.source).fetch_owned(previous);
         let mut released = false;
         let fetched = match tokio::time::timeout(settings.refresh_timeout, &mut fetch).await {
             Ok(fetched) => fetched,
-            Err(_) => {
+            Err(_) if rotates => {
+                // NOTE: the fetch may have used up a refresh token that only its answer
+                // replaces (R4): waiters are released, but the fetch goes on, and no other
+                // refresh starts until it ends.
                 released = true;
                 let waiters = self.release_late(id, replaces, &settings, &sender);
                 tracing::debug!(waiters, "token refresh is late, waiters released");
-                let grace = settings.refresh_timeout.saturating_mul(2);
-                tokio::time::timeout(grace, fetch)
+                tokio::time::timeout(late_grace(&settings), fetch)
                     .await
                     .unwrap_or_else(|_| Err(Error::timeout()))
             }
+            Err(_) => Err(Error::timeout()),
         };
         let now = Instant::now();
         let outcome = fetched
@@ -533,6 +538,9 @@ impl TokenState {
             let backoff = match &outcome {
                 Ok(installed) => {
                     self.current.store(Some(Arc::clone(installed)));
+                    // NOTE: sent under the lock, so subscribers see tokens in the order they
+                    // were installed. No subscriber is not an error.
+                    let _ = self.updates.send(installed.token.clone());
                     slot.failure = None;
                     slot.consecutive_failures = 0;
                     None
@@ -552,9 +560,6 @@ impl TokenState {
                     expires_in_s = installed.token.expires_in().map(|d| d.as_secs()),
                     "token refreshed"
                 );
-                // NOTE: sent while no other flight can run, so subscribers see tokens in the
-                // order they were installed. No subscriber is not an error.
-                let _ = self.updates.send(installed.token.clone());
             }
             Err(error) if released => {
                 tracing::error!(elapsed_ms, %error, "late token refresh failed");
@@ -621,7 +626,13 @@ impl TokenState {
         settings: &Settings,
     ) -> Duration {
         slot.consecutive_failures = slot.consecutive_failures.saturating_add(1);
-        let asked = error.retry_after().unwrap_or_default().min(MAX_BACKOFF);
+        // NOTE: a server's Retry-After is honoured up to the longest back-off of the settings
+        // (30 s by default): one answer must not take the client down for an hour.
+        let asked = error
+            .retry_after()
+            .unwrap_or_default()
+            .min(settings.max_failure_backoff)
+            .min(MAX_BACKOFF);
         let backoff = backoff(settings, slot.consecutive_failures).max(asked);
         let now = Instant::now();
         slot.failure = Some(Failure {
@@ -677,6 +688,15 @@ impl Drop for FlightGuard {
             slot.flight = None;
         }
     }
+}
+
+/// How long a late fetch of a source that rotates credentials may go on after the refresh
+/// timeout: a minute, or six refresh timeouts if that is longer.
+fn late_grace(settings: &Settings) -> Duration {
+    settings
+        .refresh_timeout
+        .saturating_mul(6)
+        .max(Duration::from_secs(60))
 }
 
 /// The jittered back-off after `failures` failures in a row: doubling from the base, capped,

@@ -145,7 +145,8 @@ async fn r4_a_refresh_answered_after_the_timeout_still_installs_the_rotated_toke
             tokio::time::sleep(Duration::from_secs(12)).await;
             Ok::<_, Error>(Token::new("token-1").with_refresh_token("refresh-3"))
         }
-    });
+    })
+    .rotates_credentials(true);
     let layer = RefreshLayer::new(source).refresh_timeout(Duration::from_secs(10));
     let handle = layer.handle();
     let service = ServiceBuilder::new()
@@ -301,4 +302,78 @@ async fn r8_a_rejected_body_that_never_ends_does_not_delay_the_retry() {
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(started.elapsed(), Duration::ZERO);
     assert_eq!(tokens.calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn r9_a_hung_fetch_of_a_source_that_rotates_nothing_is_cancelled_at_the_timeout() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&calls);
+    let source = source::from_fn(move |_previous| {
+        let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+        async move {
+            if n == 1 {
+                std::future::pending::<()>().await;
+            }
+            Ok::<_, Error>(Token::new("token-2"))
+        }
+    });
+    let layer = RefreshLayer::new(source).refresh_timeout(Duration::from_millis(500));
+    let service = ServiceBuilder::new()
+        .layer(layer)
+        .service(api(Seen::default(), "token-2"));
+
+    let hung = service
+        .clone()
+        .oneshot(get("http://api.test/"))
+        .await
+        .unwrap_err();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let after_the_backoff = service
+        .clone()
+        .oneshot(get("http://api.test/"))
+        .await
+        .unwrap();
+
+    assert!(hung.downcast_ref::<Error>().unwrap().is_timeout());
+    assert_eq!(
+        after_the_backoff.status(),
+        StatusCode::OK,
+        "no late window, a short back-off"
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn r12_subscribers_see_tokens_in_the_order_they_were_installed() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&calls);
+    let source = source::from_fn(move |_previous| {
+        let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+        async move { Ok::<_, Error>(Token::new(format!("token-{n}"))) }
+    });
+    let layer = RefreshLayer::new(source);
+    let handle = layer.handle();
+    let mut updates = handle.subscribe();
+
+    let forcing: Vec<_> = (0..4)
+        .map(|_| {
+            let handle = handle.clone();
+            tokio::spawn(async move {
+                for _ in 0..50 {
+                    let _ = handle.refresh().await;
+                }
+            })
+        })
+        .collect();
+    for task in forcing {
+        task.await.unwrap();
+    }
+    let installed = calls.load(Ordering::SeqCst);
+    let mut seen = Vec::new();
+    for _ in 0..installed {
+        seen.push(updates.next().await.unwrap().expose_secret().to_owned());
+    }
+
+    let expected: Vec<_> = (1..=installed).map(|n| format!("token-{n}")).collect();
+    assert_eq!(seen, expected);
 }

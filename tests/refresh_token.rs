@@ -432,3 +432,133 @@ async fn f18_a_reused_refresh_token_is_a_terminal_error_asked_once() {
     );
     assert_eq!(api.hits(), 0, "nothing sent without a token");
 }
+
+/// What a valid refresh gets: given the request number and the rotated pair, how long to
+/// wait and what to answer.
+type Script = fn(usize, &str, &str) -> (Duration, Response<Full<Bytes>>);
+
+/// A strict single-use authorization server whose answers the test scripts: each refresh
+/// token works once.
+async fn scripted_server(answer: Script) -> (TestServer, Arc<Mutex<Vec<String>>>) {
+    let presented = Arc::new(Mutex::new(Vec::new()));
+    let log = Arc::clone(&presented);
+    let valid = Arc::new(Mutex::new(String::from("R1")));
+    let server = TestServer::start(move |request: Recorded| {
+        let log = Arc::clone(&log);
+        let valid = Arc::clone(&valid);
+        async move {
+            let refresh_token = form(&request.body)
+                .into_iter()
+                .find(|(name, _)| name == "refresh_token")
+                .map(|(_, value)| value)
+                .unwrap_or_default();
+            let (n, accepted) = {
+                let mut log = log.lock().unwrap();
+                log.push(refresh_token.clone());
+                let mut valid = valid.lock().unwrap();
+                let accepted = *valid == refresh_token;
+                if accepted {
+                    *valid = format!("R{}", log.len() + 1);
+                }
+                (log.len(), accepted.then(|| valid.clone()))
+            };
+            let Some(rotated) = accepted else {
+                return respond(
+                    StatusCode::BAD_REQUEST,
+                    &[("content-type", "application/json")],
+                    r#"{"error":"invalid_grant"}"#,
+                );
+            };
+            let (delay, response) = answer(n, &format!("A{}", n + 1), &rotated);
+            tokio::time::sleep(delay).await;
+            response
+        }
+    })
+    .await;
+    (server, presented)
+}
+
+#[tokio::test]
+async fn r4_a_rotated_refresh_token_in_an_unusable_answer_is_kept_for_the_next_refresh() {
+    let (auth, presented) = scripted_server(|n, access, rotated| {
+        // The first answer rotates the refresh token but its access token is unusable.
+        let access = if n == 1 { "" } else { access };
+        let body = format!(
+            r#"{{"access_token":"{access}","token_type":"Bearer","expires_in":3600,"refresh_token":"{rotated}"}}"#
+        );
+        (Duration::ZERO, respond(StatusCode::OK, &[("content-type", "application/json")], &body))
+    })
+    .await;
+    let source = RefreshTokenGrant::builder(auth.url("/token"), "app", "R1")
+        .build()
+        .unwrap();
+    let handle = RefreshLayer::new(source)
+        .failure_backoff(Duration::ZERO)
+        .handle();
+
+    let unusable = handle.refresh().await.unwrap_err();
+    let next = handle.refresh().await.unwrap();
+
+    assert!(unusable.is_invalid_response(), "{unusable}");
+    assert_eq!(*presented.lock().unwrap(), ["R1", "R2"], "R2 was not lost");
+    assert_eq!(next.generation, 1);
+    assert_eq!(
+        handle.current_token().unwrap().expose_refresh_token(),
+        Some("R3")
+    );
+}
+
+#[tokio::test]
+async fn r4_an_attempt_that_timed_out_is_not_repeated_with_a_spent_refresh_token() {
+    let (auth, presented) = scripted_server(|_, access, rotated| {
+        let body = format!(
+            r#"{{"access_token":"{access}","token_type":"Bearer","expires_in":3600,"refresh_token":"{rotated}"}}"#
+        );
+        (
+            Duration::from_millis(400),
+            respond(StatusCode::OK, &[("content-type", "application/json")], &body),
+        )
+    })
+    .await;
+    let source = RefreshTokenGrant::builder(auth.url("/token"), "app", "R1")
+        .timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let handle = RefreshLayer::new(source).handle();
+
+    let timed_out = handle.refresh().await.unwrap_err();
+
+    assert!(timed_out.is_timeout(), "{timed_out}");
+    assert_eq!(
+        *presented.lock().unwrap(),
+        ["R1"],
+        "not presented a second time"
+    );
+}
+
+#[tokio::test]
+async fn r4_a_late_rotation_is_installed_after_the_refresh_timeout() {
+    let (auth, presented) = scripted_server(|_, access, rotated| {
+        let body = format!(
+            r#"{{"access_token":"{access}","token_type":"Bearer","expires_in":3600,"refresh_token":"{rotated}"}}"#
+        );
+        (
+            Duration::from_millis(700),
+            respond(StatusCode::OK, &[("content-type", "application/json")], &body),
+        )
+    })
+    .await;
+    let source = RefreshTokenGrant::builder(auth.url("/token"), "app", "R1")
+        .build()
+        .unwrap();
+    let layer = RefreshLayer::new(source).refresh_timeout(Duration::from_millis(100));
+    let handle = layer.handle();
+    let mut updates = handle.subscribe();
+
+    let late = handle.refresh().await.unwrap_err();
+    let installed = updates.next().await.unwrap();
+
+    assert!(late.is_timeout());
+    assert_eq!(installed.expose_refresh_token(), Some("R2"));
+    assert_eq!(*presented.lock().unwrap(), ["R1"]);
+}

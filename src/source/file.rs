@@ -160,7 +160,8 @@ impl TokenFile {
     ///
     /// Default: 30 seconds. Longer intervals than [`MAX_LIFETIME`] are clamped to it, so
     /// `Duration::MAX` means: read again only when the token is rejected or expires. A zero
-    /// interval reads the file again whenever the layer can, up to once per request.
+    /// interval reads the file again whenever the layer can, at most once per failure
+    /// back-off base of the layer (1 s by default).
     #[must_use]
     pub fn check_interval(mut self, interval: Duration) -> Self {
         self.check_interval = interval;

@@ -48,6 +48,19 @@ pub trait TokenSource: Send + Sync + 'static {
     /// Return [`Error::terminal`] when trying again cannot help (revoked credentials) and
     /// [`Error::transient`] otherwise. The error reaches every caller waiting for this refresh.
     fn fetch(&self, previous: Option<&Token>) -> impl Future<Output = Result<Token, Error>> + Send;
+
+    /// Returns true when a fetch may use up a credential that only its answer replaces, as a
+    /// rotating refresh token does.
+    ///
+    /// The layer then lets a fetch that outlives the refresh timeout go on, for up to a minute
+    /// (or six refresh timeouts, if longer) more: its waiters get the timeout error, no other
+    /// refresh starts meanwhile, and a late token is installed, so that the rotated credential
+    /// is not lost (R4). Otherwise a fetch is cancelled at the refresh timeout.
+    ///
+    /// Default: `false`.
+    fn rotates_credentials(&self) -> bool {
+        false
+    }
 }
 
 /// A boxed future of a fetch, owned by the refresh task.
@@ -56,11 +69,16 @@ pub(crate) type FetchFuture = Pin<Box<dyn Future<Output = Result<Token, Error>> 
 /// A [`TokenSource`] with its type erased, so that the layer is not generic over it.
 pub(crate) trait DynSource: Send + Sync + 'static {
     fn fetch_owned(self: Arc<Self>, previous: Option<Token>) -> FetchFuture;
+    fn rotates_credentials(&self) -> bool;
 }
 
 impl<T: TokenSource> DynSource for T {
     fn fetch_owned(self: Arc<Self>, previous: Option<Token>) -> FetchFuture {
         Box::pin(async move { self.fetch(previous.as_ref()).await })
+    }
+
+    fn rotates_credentials(&self) -> bool {
+        <T as TokenSource>::rotates_credentials(self)
     }
 }
 
@@ -85,18 +103,32 @@ where
     Fut: Future<Output = Result<Token, E>> + Send + 'static,
     E: Into<BoxError>,
 {
-    FromFn { f }
+    FromFn { f, rotates: false }
 }
 
 /// A token source made of a closure; see [`from_fn`].
 #[derive(Clone)]
 pub struct FromFn<F> {
     f: F,
+    rotates: bool,
+}
+
+impl<F> FromFn<F> {
+    /// Says that a fetch may use up a credential only its answer replaces, such as a rotating
+    /// refresh token, so that a fetch outliving the refresh timeout may finish; see
+    /// [`TokenSource::rotates_credentials`]. Default: `false`.
+    #[must_use]
+    pub fn rotates_credentials(mut self, rotates: bool) -> Self {
+        self.rotates = rotates;
+        self
+    }
 }
 
 impl<F> std::fmt::Debug for FromFn<F> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FromFn").finish_non_exhaustive()
+        f.debug_struct("FromFn")
+            .field("rotates", &self.rotates)
+            .finish_non_exhaustive()
     }
 }
 
@@ -112,6 +144,10 @@ where
             fut.await
                 .map_err(|err| Error::from_boxed(err.into(), false))
         }
+    }
+
+    fn rotates_credentials(&self) -> bool {
+        self.rotates
     }
 }
 

@@ -21,6 +21,7 @@ use crate::{BoxError, Error, Token, TokenSource};
 const GRANT: Grant = Grant {
     grant_type: "client_credentials",
     per_fetch_params: &[],
+    retry_unanswered: true,
 };
 
 /// A token source for the OAuth2 client credentials grant (RFC 6749 §4.4).
@@ -76,6 +77,7 @@ impl TokenSource for ClientCredentials {
                 params: &[],
                 guard: &endpoint.guard,
                 scopes_if_omitted: &endpoint.scopes,
+                rotated: None,
             })
             .await
     }

@@ -23,6 +23,9 @@ pub(super) struct Grant {
     pub(super) grant_type: &'static str,
     /// Parameters the source sends itself on each fetch, which users may not add again.
     pub(super) per_fetch_params: &'static [&'static str],
+    /// Whether an attempt that got no answer (a timeout, a broken connection) may be tried
+    /// again. Not for a grant that spends a credential: the server may have used it up.
+    pub(super) retry_unanswered: bool,
 }
 
 /// The configuration both builders share.
@@ -157,6 +160,7 @@ impl EndpointConfig {
             transport,
             guard,
             grant_type: grant.grant_type,
+            retry_unanswered: grant.retry_unanswered,
             client_id: self.client_id,
             client_auth: self.client_auth,
             has_client_secret,

@@ -3,6 +3,7 @@
 
 use std::{
     fmt,
+    sync::{Mutex, PoisonError},
     time::{Duration, SystemTime},
 };
 
@@ -31,6 +32,8 @@ pub(super) struct Endpoint {
     /// What must never be copied from an answer into an error: the client secret's forms.
     pub(super) guard: SecretGuard,
     pub(super) grant_type: &'static str,
+    /// Whether an attempt that got no answer may be tried again.
+    pub(super) retry_unanswered: bool,
     pub(super) client_id: String,
     pub(super) client_auth: ClientAuth,
     pub(super) has_client_secret: bool,
@@ -47,6 +50,9 @@ pub(super) struct Exchange<'a> {
     pub(super) guard: &'a SecretGuard,
     /// The scopes of the token when the answer names none.
     pub(super) scopes_if_omitted: &'a [String],
+    /// Where a refresh token handed out in a success answer is kept, even when the answer
+    /// is unusable otherwise: the server may have rotated the one presented.
+    pub(super) rotated: Option<&'a Mutex<Option<String>>>,
 }
 
 /// A failed attempt: the error, and how long the server asked us to wait.
@@ -60,6 +66,18 @@ impl From<Error> for Failure {
         Self {
             error,
             retry_after: None,
+        }
+    }
+}
+
+/// Keeps the refresh token of a success answer, whatever else the answer holds.
+fn keep_rotated(sink: &Mutex<Option<String>>, body: &[u8]) {
+    let Ok(serde_json::Value::Object(fields)) = serde_json::from_slice(body) else {
+        return;
+    };
+    if let Some(serde_json::Value::String(refresh_token)) = fields.get("refresh_token") {
+        if !refresh_token.is_empty() {
+            *sink.lock().unwrap_or_else(PoisonError::into_inner) = Some(refresh_token.clone());
         }
     }
 }
@@ -98,8 +116,13 @@ impl Endpoint {
 
             let error = failure.error;
             let decision =
-                self.retry
-                    .decide(attempt, &error, failure.retry_after, started.elapsed());
+                if !self.retry_unanswered && error.status().is_none() && !retry::never_sent(&error)
+                {
+                    Decision::GiveUp("no answer, and the request may have spent its credential")
+                } else {
+                    self.retry
+                        .decide(attempt, &error, failure.retry_after, started.elapsed())
+                };
             let (retry_in, gave_up) = match decision {
                 Decision::RetryAfter(delay) => (Some(delay), None),
                 Decision::GiveUp(reason) => (None, Some(reason)),
@@ -169,6 +192,12 @@ impl Endpoint {
                 ReadError::Body(err) => Error::transport(err),
             })
             .map_err(failure)?;
+
+        if parts.status.is_success() {
+            if let Some(sink) = exchange.rotated {
+                keep_rotated(sink, &body);
+            }
+        }
 
         let cx = ResponseContext {
             sent_at,

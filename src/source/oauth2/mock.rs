@@ -142,7 +142,9 @@ impl MockEndpoint {
                 }
                 Ok(response)
             }
-            Reply::Refused => Err("connection refused".into()),
+            Reply::Refused => {
+                Err(std::io::Error::from(std::io::ErrorKind::ConnectionRefused).into())
+            }
             Reply::Silence => std::future::pending().await,
         }
     }

@@ -251,7 +251,9 @@
 //! [`retry_budget`](ClientCredentialsBuilder::retry_budget) (default 5 s): a retry starts
 //! only if its wait ends within the budget, counted from the start of the fetch, and a
 //! `Retry-After` beyond what is left of it ends the fetch at once with the answer's error
-//! (a 429, say), which the layer then holds for its own failure back-off. An attempt
+//! (a 429, say), carrying the wait it asked for ([`Error::retry_after`](crate::Error::retry_after)):
+//! the layer then asks again no sooner than that, up to its longest failure back-off (30 s by
+//! default), so that one answer cannot take a client down for long. An attempt
 //! started at the end of the budget has the other 5 s of the default refresh timeout to
 //! finish. Keep the budget below the layer's refresh timeout, and the per-attempt timeout,
 //! if you set one, well below the budget.

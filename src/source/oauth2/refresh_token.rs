@@ -25,6 +25,9 @@ use crate::{BoxError, Error, Token, TokenSource};
 const GRANT: Grant = Grant {
     grant_type: "refresh_token",
     per_fetch_params: &["refresh_token"],
+    // NOTE: a refresh token may be spent by a request whose answer never arrived; presenting
+    // it again would only earn `invalid_grant` and end the chain.
+    retry_unanswered: false,
 };
 
 /// A token source for the OAuth2 refresh-token grant (RFC 6749 §6).
@@ -60,6 +63,9 @@ struct Inner {
     access_token: Mutex<Option<Token>>,
     /// The scopes of that access token, for an answer that names none.
     access_token_scopes: Vec<String>,
+    /// The newest refresh token the token endpoint handed out, even in an answer that was
+    /// unusable otherwise: the one to present next.
+    rotated: Mutex<Option<String>>,
 }
 
 impl RefreshTokenGrant {
@@ -128,11 +134,12 @@ impl Inner {
 impl TokenSource for RefreshTokenGrant {
     async fn fetch(&self, previous: Option<&Token>) -> Result<Token, Error> {
         let inner = &*self.inner;
-        let (refresh_token, previous_scopes) = match previous {
+        let rotated = inner.rotated();
+        let (presented, previous_scopes) = match previous {
             Some(previous) => (
-                previous
-                    .expose_refresh_token()
-                    .unwrap_or(inner.refresh_token.as_str()),
+                rotated
+                    .or_else(|| previous.expose_refresh_token().map(str::to_owned))
+                    .unwrap_or_else(|| inner.refresh_token.clone()),
                 previous.scopes(),
             ),
             None => {
@@ -140,11 +147,12 @@ impl TokenSource for RefreshTokenGrant {
                     return Ok(token);
                 }
                 (
-                    inner.refresh_token.as_str(),
+                    rotated.unwrap_or_else(|| inner.refresh_token.clone()),
                     inner.access_token_scopes.as_slice(),
                 )
             }
         };
+        let refresh_token = presented.as_str();
 
         let endpoint = &inner.endpoint;
         // NOTE: RFC 6749 §5.1: an answer without `scope` grants what was asked for; a refresh
@@ -162,6 +170,7 @@ impl TokenSource for RefreshTokenGrant {
                 params: &[("refresh_token", refresh_token)],
                 guard: &guard,
                 scopes_if_omitted,
+                rotated: Some(&inner.rotated),
             })
             .await?;
 
@@ -172,6 +181,20 @@ impl TokenSource for RefreshTokenGrant {
         } else {
             token.with_refresh_token(refresh_token)
         })
+    }
+
+    fn rotates_credentials(&self) -> bool {
+        true
+    }
+}
+
+impl Inner {
+    /// The refresh token the token endpoint handed out last, if it handed one out.
+    fn rotated(&self) -> Option<String> {
+        self.rotated
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 }
 
@@ -312,9 +335,15 @@ impl RefreshTokenGrantBuilder {
     }
 
     /// Gives up on one attempt of a token request after this long, sending and reading the
-    /// answer included, with an error for which [`Error::is_timeout`] is true; the attempt is
-    /// retried like a connection failure. Default: no limit of its own; the refresh timeout
-    /// of the layer bounds every fetch.
+    /// answer included, with an error for which [`Error::is_timeout`] is true. Default: no
+    /// limit of its own.
+    ///
+    /// Prefer the layer's refresh timeout: the server may already have spent the refresh
+    /// token when an attempt is given up, and the answer carrying its successor is then lost.
+    /// So an attempt that got no answer is never tried again by this source (it would only
+    /// earn `invalid_grant`), while the layer lets a fetch of this source that outlives its
+    /// refresh timeout finish and installs its token (see
+    /// [`TokenSource::rotates_credentials`](crate::TokenSource::rotates_credentials)).
     ///
     /// See [the module docs](super#transport-timeouts-and-retries) for how this, the retry
     /// budget and the layer's refresh timeout fit together.
@@ -386,6 +415,7 @@ impl RefreshTokenGrantBuilder {
                 refresh_token: self.refresh_token,
                 access_token: Mutex::new(access_token),
                 access_token_scopes,
+                rotated: Mutex::new(None),
             }),
         })
     }

@@ -120,6 +120,27 @@ fn random_unit() -> f64 {
     (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
+/// Returns true when `error` says the request never reached the server: the connection was
+/// refused or could not be made. Such an attempt spent nothing and may always be tried again.
+pub(super) fn never_sent(error: &Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(error);
+    while let Some(error) = cause {
+        if let Some(io) = error.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::ConnectionRefused {
+                return true;
+            }
+        }
+        #[cfg(feature = "hyper-client")]
+        if let Some(client) = error.downcast_ref::<hyper_util::client::legacy::Error>() {
+            if client.is_connect() {
+                return true;
+            }
+        }
+        cause = error.source();
+    }
+    false
+}
+
 /// The wait a `Retry-After` header asks for (RFC 9110 §10.2.3), as of `now`: a number of
 /// seconds, or an HTTP-date (zero when it has passed). `None` when there is no such header
 /// or its first value is neither; the back-off applies then.

@@ -239,11 +239,23 @@ fn build_default_tls_config() -> Result<Arc<rustls::ClientConfig>, Error> {
             builder
         }
         Err(err) => {
-            tracing::debug!(
-                roots = "webpki",
-                reason = %err,
-                "default TLS configuration built; the platform has no root certificates"
-            );
+            // NOTE: an operator who points SSL_CERT_FILE or SSL_CERT_DIR at a trust store
+            // expects it to be used; falling back silently would hide the mistake.
+            if std::env::var_os("SSL_CERT_FILE").is_some()
+                || std::env::var_os("SSL_CERT_DIR").is_some()
+            {
+                tracing::warn!(
+                    reason = %err,
+                    "SSL_CERT_FILE or SSL_CERT_DIR is set but gave no usable root certificate; \
+                     using the compiled-in Mozilla roots"
+                );
+            } else {
+                tracing::debug!(
+                    roots = "webpki",
+                    reason = %err,
+                    "default TLS configuration built; the platform has no root certificates"
+                );
+            }
             builder.with_webpki_roots()
         }
     };
