@@ -24,11 +24,35 @@ pub(crate) enum Command {
     Help,
 }
 
+/// The OAuth2 grant the demo's client uses to get its tokens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum GrantType {
+    /// RFC 6749 §4.4: the client's own credentials buy each token.
+    ClientCredentials,
+    /// RFC 6749 §6: each token comes for the refresh token that came with the one before.
+    RefreshToken,
+}
+
+impl GrantType {
+    /// The `grant_type` value of the grant, as the summary names it.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::ClientCredentials => "client_credentials",
+            Self::RefreshToken => "refresh_token",
+        }
+    }
+}
+
 /// A checked configuration.
 #[derive(Debug)]
 pub(crate) struct Config {
     /// `None`: start the embedded token endpoint.
     pub(crate) token_url: Option<Uri>,
+    pub(crate) grant: GrantType,
+    /// The refresh token to start from, with [`GrantType::RefreshToken`]. `None` with that
+    /// grant: the embedded token endpoint is seeded with a random one (never `None` with an
+    /// external token endpoint).
+    pub(crate) refresh_token: Option<String>,
     pub(crate) client_id: String,
     pub(crate) client_secret: String,
     pub(crate) client_auth: ClientAuth,
@@ -40,8 +64,10 @@ pub(crate) struct Config {
 }
 
 /// The flags, each with its environment variable. Every flag takes a value.
-const FLAGS: [(&str, &str); 8] = [
+const FLAGS: [(&str, &str); 10] = [
     ("--token-url", "DEMO_TOKEN_URL"),
+    ("--grant", "DEMO_GRANT"),
+    ("--refresh-token", "DEMO_REFRESH_TOKEN"),
     ("--client-id", "DEMO_CLIENT_ID"),
     ("--client-secret", "DEMO_CLIENT_SECRET"),
     ("--client-auth", "DEMO_CLIENT_AUTH"),
@@ -63,6 +89,16 @@ FLAGS (each also read from the environment variable shown):
     --token-url URL        DEMO_TOKEN_URL       use this token endpoint instead of the
                                                 embedded one (plain http, and only to a
                                                 loopback address: the demo has no TLS)
+    --grant GRANT          DEMO_GRANT           client_credentials or refresh_token;
+                                                refresh_token without --refresh-token
+                                                seeds the embedded token endpoint with a
+                                                random refresh token to start from
+                                                [default: refresh_token with
+                                                --refresh-token, else client_credentials]
+    --refresh-token TOKEN  DEMO_REFRESH_TOKEN   get tokens with the refresh-token grant,
+                                                starting from TOKEN; the embedded token
+                                                endpoint is seeded with it, so any value
+                                                works, such as demo-refresh-1
     --client-id ID         DEMO_CLIENT_ID       client id [default: demo-client]
     --client-secret SECRET DEMO_CLIENT_SECRET   client secret [default: demo-secret]
                                                 (the embedded token endpoint knows only
@@ -83,9 +119,20 @@ FLAGS (each also read from the environment variable shown):
 Flags win over environment variables. RUST_LOG sets the log filter (default: warn); logs
 go to stderr.
 
+THE REFRESH-TOKEN GRANT:
+    With --refresh-token or --grant refresh_token the client trades a refresh token for
+    each token (RFC 6749 section 6), authenticating with the client id, secret and client
+    auth method above. The embedded token endpoint rotates refresh tokens: each answer
+    brings a new one with a 2-second access token, and a refresh token used before is
+    refused (400 invalid_grant). The demo subscribes to the tokens the layer installs, as
+    an application that saves each rotated refresh token would, and counts the rotations
+    it sees. With --token-url the demo starts from the refresh token given, and the checks
+    that need the embedded token endpoint's counts are skipped.
+
 EXIT STATUS:
     0  every call succeeded and the token endpoint was called no more often than token
-       lifetimes and revocations explain
+       lifetimes and revocations explain; with the refresh-token grant also no refresh
+       token was refused, and the subscriber saw every rotation the endpoint made
     1  a check failed (the reason is printed on stderr)
     2  a flag or variable has a bad value
 ";
@@ -144,8 +191,16 @@ pub(crate) fn parse(
             .as_ref()
             .map(|(from, v)| (from.as_str(), v.as_str()))
     };
+    let refresh_token = value("--refresh-token").map(refresh_token).transpose()?;
+    let grant = grant(
+        value("--grant"),
+        value("--refresh-token"),
+        value("--token-url"),
+    )?;
     Ok(Command::Run(Box::new(Config {
         token_url: value("--token-url").map(token_url).transpose()?,
+        grant,
+        refresh_token,
         client_id: value("--client-id").map_or(Ok(DEFAULT_CLIENT_ID.to_owned()), client_id)?,
         client_secret: value("--client-secret")
             .map_or(DEFAULT_CLIENT_SECRET, |(_, v)| v)
@@ -203,6 +258,53 @@ fn api_url((from, text): (&str, &str)) -> Result<String, UsageError> {
         )));
     }
     Ok(uri.to_string().trim_end_matches('/').to_owned())
+}
+
+/// The grant named, or the one a refresh token asks for; refused when it contradicts the
+/// refresh token given, or needs one the demo cannot make up.
+fn grant(
+    named: Option<(&str, &str)>,
+    refresh_token: Option<(&str, &str)>,
+    token_url: Option<(&str, &str)>,
+) -> Result<GrantType, UsageError> {
+    let grant = match named {
+        None if refresh_token.is_some() => GrantType::RefreshToken,
+        None => GrantType::ClientCredentials,
+        Some((from, text)) => match text.to_ascii_lowercase().as_str() {
+            "client_credentials" => GrantType::ClientCredentials,
+            "refresh_token" => GrantType::RefreshToken,
+            _ => {
+                return Err(UsageError(format!(
+                    "{from}: expected client_credentials or refresh_token, got {text:?}"
+                )))
+            }
+        },
+    };
+
+    match (grant, refresh_token, token_url) {
+        (GrantType::ClientCredentials, Some((from, _)), _) => Err(UsageError(format!(
+            "{from} is for the refresh_token grant, but {} names client_credentials",
+            named.map_or("--grant", |(from, _)| from)
+        ))),
+        (GrantType::RefreshToken, None, Some((from, _))) => Err(UsageError(format!(
+            "the refresh_token grant with {from} needs --refresh-token: only the embedded \
+             token endpoint can be seeded with a refresh token the demo makes up"
+        ))),
+        _ => Ok(grant),
+    }
+}
+
+/// A refresh token of the characters RFC 6749 allows (Appendix A.17: printable ASCII).
+fn refresh_token((from, text): (&str, &str)) -> Result<String, UsageError> {
+    if text.is_empty() {
+        return Err(UsageError(format!("{from}: the refresh token is empty")));
+    }
+    if !text.chars().all(|c| (' '..='~').contains(&c)) {
+        return Err(UsageError(format!(
+            "{from}: a refresh token is printable ASCII, spaces allowed"
+        )));
+    }
+    Ok(text.to_owned())
 }
 
 fn client_id((from, text): (&str, &str)) -> Result<String, UsageError> {

@@ -8,7 +8,9 @@ use tower_token_refresh::Stats;
 
 use crate::{
     api::REVOCATION_GRACE,
+    config::GrantType,
     load::Tally,
+    rotations::Rotations,
     servers::Mode,
     shared::{Counters, TOKEN_LIFETIME},
     LAYER_EXPIRY_MARGIN, LAYER_REFRESH_AHEAD,
@@ -17,9 +19,12 @@ use crate::{
 /// Everything the report is made of.
 pub(crate) struct Report {
     pub(crate) mode: Mode,
+    pub(crate) grant: GrantType,
     pub(crate) concurrency: usize,
     pub(crate) tally: Tally,
     pub(crate) stats: Stats,
+    /// What the token subscriber saw; with the refresh-token grant only.
+    pub(crate) rotations: Option<Rotations>,
     pub(crate) servers: ServerCounts,
 }
 
@@ -38,6 +43,9 @@ pub(crate) struct ServerCounts {
     pub(crate) retries_with_same_token: u64,
     pub(crate) retries_revoked_together: u64,
     pub(crate) retries_rejected_otherwise: u64,
+    pub(crate) refresh_grants: u64,
+    pub(crate) refresh_reused: u64,
+    pub(crate) refresh_unknown: u64,
 }
 
 impl ServerCounts {
@@ -56,6 +64,9 @@ impl ServerCounts {
             retries_with_same_token: Counters::read(&counters.retries_with_same_token),
             retries_revoked_together: Counters::read(&counters.retries_revoked_together),
             retries_rejected_otherwise: Counters::read(&counters.retries_rejected_otherwise),
+            refresh_grants: Counters::read(&counters.refresh_grants),
+            refresh_reused: Counters::read(&counters.refresh_reused),
+            refresh_unknown: Counters::read(&counters.refresh_unknown),
         }
     }
 }
@@ -194,7 +205,39 @@ impl Report {
                 ));
             }
         }
+        self.rotation_reasons(&mut reasons);
         reasons
+    }
+
+    /// Why the refresh-token grant failed, when the embedded token endpoint can tell: a
+    /// refresh token it refused, or a rotation it made that the subscriber did not see.
+    fn rotation_reasons(&self, reasons: &mut Vec<String>) {
+        let (Some(rotations), true) = (self.rotations, self.mode.token_endpoint) else {
+            return;
+        };
+        let servers = &self.servers;
+
+        let refused = servers.refresh_reused + servers.refresh_unknown;
+        if refused > 0 {
+            reasons.push(format!(
+                "the token endpoint refused {refused} refresh-token grants ({} for a refresh \
+                 token used before, {} for an unknown one); each refresh token works once, and \
+                 a client must present the newest",
+                servers.refresh_reused, servers.refresh_unknown
+            ));
+        }
+        if rotations.rotations != servers.refresh_grants {
+            let incomplete = if rotations.complete {
+                ""
+            } else {
+                "; the subscription had not ended when it was counted"
+            };
+            reasons.push(format!(
+                "the token endpoint served {} refresh-token grants, each with a new refresh \
+                 token, but the token subscriber saw {} rotations{incomplete}",
+                servers.refresh_grants, rotations.rotations
+            ));
+        }
     }
 
     /// Prints the summary, given the `reasons` why the run failed; its last line is the JSON
@@ -241,6 +284,7 @@ impl Report {
         );
 
         self.print_servers();
+        self.print_rotations();
         let verdict = if reasons.is_empty() { "ok" } else { "FAILED" };
         println!("result           {verdict}");
         println!("{}", self.json(&latency, reasons));
@@ -308,6 +352,48 @@ impl Report {
         }
     }
 
+    fn print_rotations(&self) {
+        let Some(rotations) = self.rotations else {
+            return;
+        };
+        let servers = &self.servers;
+        println!("refresh tokens");
+
+        let rotating = if self.mode.token_endpoint {
+            ", rotating: each refresh token works once"
+        } else {
+            ""
+        };
+        println!("  grant          refresh_token{rotating}");
+        let incomplete = if rotations.complete {
+            ""
+        } else {
+            " (counted before the subscription ended)"
+        };
+        println!(
+            "  rotations      {} seen by the token subscriber (tokens installed: {}){incomplete}",
+            rotations.rotations, rotations.tokens
+        );
+        if self.mode.token_endpoint {
+            println!(
+                "  served         {} refresh-token grants, each with a new refresh token",
+                servers.refresh_grants
+            );
+            println!(
+                "  refused        {} refresh-token grants ({} for a refresh token used before, \
+                 {} for an unknown one)",
+                servers.refresh_reused + servers.refresh_unknown,
+                servers.refresh_reused,
+                servers.refresh_unknown
+            );
+        } else {
+            println!(
+                "  note: external token endpoint: its grants and refusals are not counted, and \
+                 the rotation checks are skipped"
+            );
+        }
+    }
+
     fn json(&self, latency: &Latency, reasons: &[String]) -> Value {
         let (tally, stats, servers) = (&self.tally, &self.stats, &self.servers);
         let counted = |value: u64, counted: bool| counted.then_some(value);
@@ -325,6 +411,8 @@ impl Report {
             "token_endpoint_calls": counted(servers.token_calls, self.mode.token_endpoint),
             "token_endpoint_call_bound": self.bound(),
             "revocations": counted(servers.revocations, self.mode.tokens_verified()),
+            "grant": self.grant.as_str(),
+            "rotations": self.rotations.map(|rotations| rotations.rotations),
             "p50_ms": ms(latency.p50),
             "p99_ms": ms(latency.p99),
             "max_ms": ms(latency.max),

@@ -13,8 +13,8 @@ use tokio::{net::TcpSocket, sync::watch, task::JoinHandle};
 
 use crate::{
     api::{self, Api, TokenCheck, API_PATH},
-    config::{Config, DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET},
-    shared::{Counters, Registry},
+    config::{Config, GrantType, DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET},
+    shared::{Counters, Registry, KNOWN_SCOPES},
     token_endpoint::{self, TokenEndpoint, TOKEN_PATH},
 };
 
@@ -45,6 +45,9 @@ pub(crate) struct Servers {
     pub(crate) mode: Mode,
     pub(crate) token_url: Uri,
     pub(crate) api_url: String,
+    /// With the refresh-token grant, the refresh token the client starts from: the one given,
+    /// or the random one the embedded token endpoint was seeded with.
+    pub(crate) refresh_token: Option<String>,
     pub(crate) counters: Arc<Counters>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
@@ -79,6 +82,15 @@ impl Servers {
                 url.parse().expect("a loopback URL is valid")
             }
         };
+        let refresh_token = match config.grant {
+            GrantType::ClientCredentials => None,
+            // As if the client had got it at its login, for every scope the servers know.
+            GrantType::RefreshToken if mode.token_endpoint => Some(registry.seed_refresh_token(
+                config.refresh_token.clone(),
+                KNOWN_SCOPES.map(String::from).to_vec(),
+            )),
+            GrantType::RefreshToken => config.refresh_token.clone(),
+        };
         let api_url = match &config.api_url {
             Some(url) => url.clone(),
             None => {
@@ -101,6 +113,7 @@ impl Servers {
             mode,
             token_url,
             api_url,
+            refresh_token,
             counters,
             shutdown,
             tasks,

@@ -2,7 +2,7 @@
 //! of random numbers.
 
 use std::{
-    collections::{hash_map::RandomState, HashMap},
+    collections::{hash_map::RandomState, HashMap, HashSet},
     hash::{BuildHasher, Hasher},
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -33,6 +33,11 @@ struct Tables {
     /// Revoked tokens, with the number of the revocation that revoked them, until they would
     /// have expired, so that a rejection can say why.
     revoked: HashMap<String, (Grant, u64)>,
+    /// Refresh tokens not used yet, with the scopes of the grant each one continues.
+    refresh: HashMap<String, Vec<String>>,
+    /// Refresh tokens already traded, so that a reuse is told apart from an unknown token.
+    /// NOTE: kept for the whole run; a few rotations a second make a small table.
+    refreshed: HashSet<String>,
 }
 
 struct Grant {
@@ -47,6 +52,25 @@ pub(crate) enum Verdict {
     Invalid(Invalid),
     /// Valid, but not for what was asked.
     InsufficientScope,
+}
+
+/// A refresh token traded for a new one (RFC 6749 §6).
+pub(crate) struct Rotation {
+    /// The new refresh token, which continues the same grant.
+    pub(crate) refresh_token: String,
+    /// The scopes of the new access token.
+    pub(crate) scopes: Vec<String>,
+}
+
+/// Why a refresh token was not traded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum RefreshRefusal {
+    /// Traded before: each refresh token works once.
+    Reused,
+    /// Never issued here.
+    Unknown,
+    /// The refresh asked for a scope its grant does not hold; the refresh token stays valid.
+    ScopeNotGranted,
 }
 
 /// Why a token is not valid.
@@ -81,6 +105,55 @@ impl Registry {
             .retain(|_, (grant, _)| grant.expires_at + TOKEN_LIFETIME > now);
         tables.live.insert(token.clone(), grant);
         token
+    }
+
+    /// Makes `refresh_token` (or, if `None`, a new random one) a valid refresh token for a
+    /// grant of `scopes`, as if the client had got it at its login; returns it.
+    pub(crate) fn seed_refresh_token(
+        &self,
+        refresh_token: Option<String>,
+        scopes: Vec<String>,
+    ) -> String {
+        let refresh_token = refresh_token.unwrap_or_else(new_refresh_token);
+
+        self.lock().refresh.insert(refresh_token.clone(), scopes);
+        refresh_token
+    }
+
+    /// Trades `presented` for a new refresh token of the same grant, once: the new access
+    /// token gets the `requested` scopes, or the grant's when none are requested.
+    pub(crate) fn rotate_refresh_token(
+        &self,
+        presented: &str,
+        requested: &[&str],
+    ) -> Result<Rotation, RefreshRefusal> {
+        let mut tables = self.lock();
+
+        let Some(granted) = tables.refresh.get(presented) else {
+            return Err(if tables.refreshed.contains(presented) {
+                RefreshRefusal::Reused
+            } else {
+                RefreshRefusal::Unknown
+            });
+        };
+        // RFC 6749 §6: a refresh may narrow the scopes of the grant, never widen them.
+        if !requested.iter().all(|s| granted.iter().any(|g| g == s)) {
+            return Err(RefreshRefusal::ScopeNotGranted);
+        }
+        let scopes = if requested.is_empty() {
+            granted.clone()
+        } else {
+            requested.iter().map(|s| (*s).to_owned()).collect()
+        };
+
+        let granted = tables.refresh.remove(presented).expect("looked up above");
+        tables.refreshed.insert(presented.to_owned());
+        let refresh_token = new_refresh_token();
+        tables.refresh.insert(refresh_token.clone(), granted);
+        Ok(Rotation {
+            refresh_token,
+            scopes,
+        })
     }
 
     /// Judges `token` for a request that needs `scope`.
@@ -150,6 +223,12 @@ pub(crate) struct Counters {
     pub(crate) retries_revoked_together: AtomicU64,
     /// Retries rejected for another reason.
     pub(crate) retries_rejected_otherwise: AtomicU64,
+    /// Refresh tokens traded for new ones: the refresh-token grants served.
+    pub(crate) refresh_grants: AtomicU64,
+    /// Refresh-token grants refused because the refresh token was used before.
+    pub(crate) refresh_reused: AtomicU64,
+    /// Refresh-token grants refused because the refresh token was never issued.
+    pub(crate) refresh_unknown: AtomicU64,
 }
 
 impl Counters {
@@ -160,6 +239,10 @@ impl Counters {
     pub(crate) fn read(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
     }
+}
+
+fn new_refresh_token() -> String {
+    format!("demo-refresh-{:016x}{:016x}", random_u64(), random_u64())
 }
 
 /// A random number from the standard library's randomly keyed hasher. Enough for a demo's

@@ -1,5 +1,8 @@
-//! The embedded OAuth2 token endpoint: the client credentials grant (RFC 6749 §4.4) for one
-//! registered client, authenticated by HTTP Basic or by the form body (§2.3.1).
+//! The embedded OAuth2 token endpoint: the client credentials grant (RFC 6749 §4.4) and the
+//! refresh-token grant (§6) for one registered client, authenticated by HTTP Basic or by the
+//! form body (§2.3.1).
+//!
+//! Refresh tokens rotate: each answer to a refresh brings a new one, and each one works once.
 
 use std::sync::Arc;
 
@@ -13,7 +16,7 @@ use axum::{
 };
 use serde_json::json;
 
-use crate::shared::{Counters, Registry, KNOWN_SCOPES, TOKEN_LIFETIME};
+use crate::shared::{Counters, RefreshRefusal, Registry, Rotation, KNOWN_SCOPES, TOKEN_LIFETIME};
 
 pub(crate) const TOKEN_PATH: &str = "/oauth/token";
 
@@ -56,21 +59,58 @@ impl TokenEndpoint {
         ))?;
 
         self.authenticate(headers, &form)?;
-        match form.get("grant_type") {
-            Some("client_credentials") => {}
+        let (scopes, refresh_token) = match form.get("grant_type") {
+            Some("client_credentials") => (granted_scopes(form.get("scope"))?, None),
+            Some("refresh_token") => {
+                let rotation = self.rotate(&form)?;
+                (rotation.scopes, Some(rotation.refresh_token))
+            }
             Some(_) => return Err(OAuthError::unsupported_grant_type()),
             None => return Err(OAuthError::invalid_request("grant_type is missing")),
-        }
-        let scopes = granted_scopes(form.get("scope"))?;
+        };
 
         let access_token = self.registry.issue(scopes.clone());
-        let body = json!({
+        let mut body = json!({
             "access_token": access_token,
             "token_type": "Bearer",
             "expires_in": TOKEN_LIFETIME.as_secs(),
             "scope": scopes.join(" "),
         });
+        if let Some(refresh_token) = refresh_token {
+            body["refresh_token"] = refresh_token.into();
+        }
         Ok((no_store(), Json(body)).into_response())
+    }
+
+    /// Trades the presented refresh token for a new one, once (RFC 6749 §6 and §10.4).
+    fn rotate(&self, form: &Form) -> Result<Rotation, OAuthError> {
+        let presented = form
+            .get("refresh_token")
+            .ok_or(OAuthError::invalid_request("refresh_token is missing"))?;
+        let requested: Vec<&str> = form
+            .get("scope")
+            .unwrap_or_default()
+            .split(' ')
+            .filter(|s| !s.is_empty())
+            .collect();
+
+        let counters = &self.counters;
+        match self.registry.rotate_refresh_token(presented, &requested) {
+            Ok(rotation) => {
+                Counters::bump(&counters.refresh_grants);
+                Ok(rotation)
+            }
+            Err(RefreshRefusal::Reused) => {
+                Counters::bump(&counters.refresh_reused);
+                tracing::warn!("a refresh token was presented a second time; refused");
+                Err(OAuthError::invalid_grant("refresh token already used"))
+            }
+            Err(RefreshRefusal::Unknown) => {
+                Counters::bump(&counters.refresh_unknown);
+                Err(OAuthError::invalid_grant("refresh token unknown"))
+            }
+            Err(RefreshRefusal::ScopeNotGranted) => Err(OAuthError::invalid_scope()),
+        }
     }
 
     /// Checks the client's credentials, from exactly one of the two places they may be in.
@@ -159,7 +199,15 @@ impl OAuthError {
         Self {
             status: StatusCode::BAD_REQUEST,
             code: "unsupported_grant_type",
-            description: "only client_credentials is supported",
+            description: "client_credentials and refresh_token are supported",
+        }
+    }
+
+    fn invalid_grant(description: &'static str) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            code: "invalid_grant",
+            description,
         }
     }
 
