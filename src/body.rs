@@ -594,6 +594,27 @@ impl ReplayBody for hyper::body::Incoming {
     }
 }
 
+/// tonic's request body, as its generated clients send it through a `Channel`: a body that
+/// has already ended is rebuilt for free; any other (an encoded unary message, a client
+/// stream) streams through while it is captured within
+/// [`RefreshLayer::replay_limit`](crate::RefreshLayer::replay_limit), so a call rejected with
+/// a trailers-only `grpc-status: 16` is replayed byte for byte.
+#[cfg(feature = "tonic")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tonic")))]
+impl ReplayBody for tonic::body::Body {
+    fn try_clone(&self) -> Option<Self> {
+        self.is_end_stream().then(tonic::body::Body::empty)
+    }
+
+    fn capture(self, capture: &BodyCapture) -> Result<Self, Self> {
+        Ok(tonic::body::Body::new(capture.wrap(self)))
+    }
+
+    fn from_captured(captured: CapturedBody) -> Option<Self> {
+        Some(tonic::body::Body::new(captured))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -79,6 +79,9 @@
 //!   certificate authority. Turns on `hyper-client`. See
 //!   [HTTPS](source::oauth2#https) for the details, and the `https` example for an API
 //!   called over HTTPS.
+//! - `tonic`: [`ReplayBody`] for `tonic::body::Body`, so the layer goes directly under a
+//!   tonic `Channel` and the stack is handed to a generated client as it is. Depends on tonic
+//!   without its default features (its body type only). See the `tonic` example.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![forbid(unsafe_code)]
 #![deny(unreachable_pub)]

@@ -291,19 +291,28 @@ async fn r12_refresh_token_grant_rotates_through_every_token_expiry_and_hands_ea
 async fn f18_a_public_client_gets_a_terminal_invalid_grant_for_a_reused_refresh_token() {
     let token_server = TokenServer::start(Duration::from_secs(60)).await;
     let login = token_server.password_grant().await;
-    let source = RefreshTokenGrant::builder(
-        format!("{}/token", token_server.url),
-        "interop public app",
-        login.refresh_token.clone(),
-    )
-    .build()
-    .expect("a loopback token URL is accepted");
+    // Two processes started from the same saved pair: the second presents a spent token.
+    let started_from_saved = || {
+        RefreshTokenGrant::builder(
+            format!("{}/token", token_server.url),
+            "interop public app",
+            login.refresh_token.clone(),
+        )
+        .build()
+        .expect("a loopback token URL is accepted")
+    };
     let saved = Token::new(login.access_token.clone())
         .with_refresh_token(login.refresh_token.clone())
         .with_scopes([SCOPE]);
 
-    let rotated = source.fetch(Some(&saved)).await.expect("a rotated pair");
-    let reused = source.fetch(Some(&saved)).await.expect_err("a refusal");
+    let rotated = started_from_saved()
+        .fetch(Some(&saved))
+        .await
+        .expect("a rotated pair");
+    let reused = started_from_saved()
+        .fetch(Some(&saved))
+        .await
+        .expect_err("a refusal");
 
     assert_ne!(
         rotated.expose_refresh_token(),
