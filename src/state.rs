@@ -545,7 +545,10 @@ impl TokenState {
                     slot.consecutive_failures = 0;
                     None
                 }
-                Err(error) => Some(self.remember_failure(&mut slot, replaces, error, &settings)),
+                // NOTE: a late flight counted its failure when it released its waiters.
+                Err(error) => {
+                    Some(self.remember_failure(&mut slot, replaces, error, &settings, !released))
+                }
             };
             (waiters, backoff)
         };
@@ -609,7 +612,7 @@ impl TokenState {
             if let Some(flight) = slot.flight.as_mut().filter(|f| f.id == id) {
                 flight.late = true;
             }
-            self.remember_failure(&mut slot, replaces, &error, settings);
+            self.remember_failure(&mut slot, replaces, &error, settings, true);
             sender.receiver_count().saturating_sub(1)
         };
         Counters::bump(&self.counters.failures);
@@ -617,15 +620,19 @@ impl TokenState {
         waiters
     }
 
-    /// Remembers a failed refresh for the back-off; returns the back-off.
+    /// Remembers a failed refresh for the back-off, counting it among the failures in a row
+    /// when `count` is set; returns the back-off.
     fn remember_failure(
         &self,
         slot: &mut Slot,
         replaces: u64,
         error: &Error,
         settings: &Settings,
+        count: bool,
     ) -> Duration {
-        slot.consecutive_failures = slot.consecutive_failures.saturating_add(1);
+        if count {
+            slot.consecutive_failures = slot.consecutive_failures.saturating_add(1);
+        }
         // NOTE: a server's Retry-After is honoured up to the longest back-off of the settings
         // (30 s by default): one answer must not take the client down for an hour.
         let asked = error
