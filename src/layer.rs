@@ -195,6 +195,19 @@ impl<R> RefreshLayer<R> {
         self
     }
 
+    /// Starts each background refresh up to this much earlier than the refresh window says, at
+    /// random, so that many processes started together do not all refresh at the same moment.
+    /// Kept within the first half of what is left of a token's lifetime.
+    ///
+    /// Default: zero. Shared by every clone of this layer.
+    #[must_use]
+    pub fn refresh_jitter(self, jitter: Duration) -> Self {
+        self.common
+            .state
+            .update_settings(|s| s.refresh_jitter = jitter);
+        self
+    }
+
     /// How long before expiry a token is no longer sent, to allow for the time a request
     /// takes to arrive and for a server clock that runs ahead. Clamped to a quarter of the
     /// token's lifetime.

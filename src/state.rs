@@ -69,6 +69,7 @@ pub(crate) struct Settings {
     pub(crate) failure_backoff: Duration,
     pub(crate) max_failure_backoff: Duration,
     pub(crate) scheme: Option<String>,
+    pub(crate) refresh_jitter: Duration,
 }
 
 impl Default for Settings {
@@ -80,6 +81,7 @@ impl Default for Settings {
             failure_backoff: Duration::from_secs(1),
             max_failure_backoff: Duration::from_secs(30),
             scheme: Some("Bearer".to_owned()),
+            refresh_jitter: Duration::ZERO,
         }
     }
 }
@@ -134,8 +136,14 @@ impl Installed {
                 let lifetime = expires_at.saturating_duration_since(now);
                 let margin = settings.expiry_margin.min(lifetime / 4);
                 let ahead = settings.refresh_ahead.min(lifetime / 2).max(margin);
+                // Many processes started together spread their refreshes over the jitter,
+                // which is kept within the first half of what is left of the lifetime.
+                let spread = settings
+                    .refresh_jitter
+                    .min(lifetime.saturating_sub(ahead) / 2)
+                    .mul_f64(random_unit());
                 let at = |before: Duration| expires_at.checked_sub(before).unwrap_or(now);
-                (Some(at(ahead)), Some(at(margin)))
+                (Some(at(ahead + spread)), Some(at(margin)))
             }
         };
         let stale_at = match (stale_at, token.refresh_at()) {
@@ -879,6 +887,61 @@ mod tests {
 
         assert_eq!(within_a_second, 1);
         assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn refresh_jitter_spreads_refreshes_before_the_window() {
+        let settings = Settings {
+            refresh_jitter: Duration::from_secs(60),
+            ..Settings::default()
+        };
+        let now = Instant::now();
+        let expires_at = now + Duration::from_secs(3600);
+
+        let starts: Vec<_> = (0..50)
+            .map(|_| {
+                let token = Token::new("t").with_expires_at(expires_at);
+                let installed = Installed::new(token, 1, &settings, now).unwrap();
+                expires_at - installed.stale_at.unwrap()
+            })
+            .collect();
+
+        assert!(starts.iter().all(
+            |before| *before >= Duration::from_secs(120) && *before <= Duration::from_secs(180)
+        ));
+        assert!(
+            starts.iter().any(|before| *before != starts[0]),
+            "spread, not one moment"
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn r2_deadlines_are_ordered_and_clamped_whatever_the_settings(
+            lifetime_ms in proptest::prelude::any::<u64>(),
+            margin_ms in proptest::prelude::any::<u64>(),
+            ahead_ms in proptest::prelude::any::<u64>(),
+            jitter_ms in proptest::prelude::any::<u64>(),
+        ) {
+            let settings = Settings {
+                expiry_margin: Duration::from_millis(margin_ms),
+                refresh_ahead: Duration::from_millis(ahead_ms),
+                refresh_jitter: Duration::from_millis(jitter_ms),
+                ..Settings::default()
+            };
+            let now = Instant::now();
+            let token = Token::new("t").with_lifetime_from(now, Duration::from_millis(lifetime_ms));
+            let lifetime = token.expires_at().unwrap() - now;
+
+            let installed = Installed::new(token, 1, &settings, now).unwrap();
+
+            let (stale_at, expired_at) = (installed.stale_at.unwrap(), installed.expired_at.unwrap());
+            proptest::prop_assert!(now <= stale_at);
+            proptest::prop_assert!(stale_at <= expired_at);
+            proptest::prop_assert!(expired_at <= now + lifetime);
+            // The margin takes at most a quarter of the lifetime: a short token is still used.
+            proptest::prop_assert!(expired_at - now >= lifetime - lifetime / 4);
+        }
     }
 
     #[tokio::test(start_paused = true)]
