@@ -107,6 +107,11 @@ pub use service::Refresh;
 pub use source::TokenSource;
 pub use token::{Token, MAX_LIFETIME};
 
+/// Entry points of the fuzz targets in `fuzz/`; see the module.
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub mod fuzzing;
+
 /// The README's examples, compiled as doc tests so that they stay true.
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]

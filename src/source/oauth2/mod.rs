@@ -291,5 +291,7 @@ mod tests;
 pub use client_credentials::{ClientCredentials, ClientCredentialsBuilder};
 pub use refresh_token::{RefreshTokenGrant, RefreshTokenGrantBuilder};
 pub use request::ClientAuth;
+#[cfg(fuzzing)]
+pub(crate) use response::parse_for_fuzzing;
 #[cfg(feature = "rustls")]
 pub use transport::{https_transport, HttpsTransport};

@@ -64,6 +64,24 @@ pub(super) fn parse_token_response(
     token_from_fields(status, fields, cx)
 }
 
+/// Reads an answer the way a source does, with a guard that looks for `guarded` and no
+/// scopes asked for: the entry point of the fuzz targets (see `crate::fuzzing`).
+#[cfg(fuzzing)]
+pub(crate) fn parse_for_fuzzing(
+    status: StatusCode,
+    body: &[u8],
+    sent_at: Instant,
+    guarded: &str,
+) -> Result<Token, Error> {
+    let guard = SecretGuard::new([guarded.to_owned()]);
+    let cx = ResponseContext {
+        sent_at,
+        scopes_if_omitted: &[],
+        guard: &guard,
+    };
+    parse_token_response(status, body, &cx)
+}
+
 /// Builds the token of a §5.1 success response. No error made here carries an excerpt: the
 /// body holds a token.
 fn token_from_fields(
@@ -259,12 +277,22 @@ impl SecretGuard {
     /// guarded strings and none of the telltale words in any case, and its start has a space
     /// (a single unbroken word may be a bare token).
     fn add_excerpt(&self, err: Error, body: &[u8]) -> Error {
-        let has_telltale = TELLTALE_WORDS.iter().any(|word| {
-            body.windows(word.len())
-                .any(|window| window.eq_ignore_ascii_case(word))
-        });
-        if has_telltale || self.reveals(body) {
+        let unsafe_to_show = |text: &[u8]| {
+            let has_telltale = TELLTALE_WORDS.iter().any(|word| {
+                text.windows(word.len())
+                    .any(|window| window.eq_ignore_ascii_case(word))
+            });
+            has_telltale || self.reveals(text)
+        };
+        if unsafe_to_show(body) {
             return err;
+        }
+        // NOTE: JSON escapes (`access_\u0074oken`, `\/`) hide words from a look at the raw
+        // bytes; the same look at the decoded JSON sees through them.
+        if let Ok(json) = serde_json::from_slice::<Value>(body) {
+            if unsafe_to_show(json.to_string().as_bytes()) {
+                return err;
+            }
         }
 
         let text = String::from_utf8_lossy(body);
@@ -277,6 +305,29 @@ impl SecretGuard {
             return err;
         }
         err.with_excerpt(text)
+    }
+}
+
+#[cfg(test)]
+mod escape_tests {
+    use super::*;
+
+    #[test]
+    fn r10_json_escapes_do_not_smuggle_a_token_into_an_excerpt() {
+        let guard = SecretGuard::new([String::from("client/secret")]);
+        let bodies: [&[u8]; 3] = [
+            br#"{"access_\u0074oken": "Zq8wLm3vKd7PqXy2AbCd"}"#,
+            br#"{"refresh_\u0074oken": "Zq8wLm3vKd7PqXy2AbCd", "x": 1}"#,
+            br#"{"echo": "client\/secret is wrong", "x": 1}"#,
+        ];
+
+        for body in bodies {
+            let err = Error::endpoint(StatusCode::INTERNAL_SERVER_ERROR, None, None, None);
+
+            let err = guard.add_excerpt(err, body);
+
+            assert_eq!(err.excerpt(), None, "{}", String::from_utf8_lossy(body));
+        }
     }
 }
 
