@@ -11,7 +11,6 @@
 //! starts, and a caller that asks to replace an older generation gets the newer token at once.
 
 use std::{
-    cell::RefCell,
     fmt,
     sync::{
         atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering},
@@ -216,57 +215,6 @@ fn header_value(token: &Token, scheme: Option<&str>) -> Result<HeaderValue, Erro
     Ok(value)
 }
 
-/// The id of the next token state.
-static NEXT_STATE_ID: AtomicU64 = AtomicU64::new(1);
-
-/// How many token states a thread keeps a header copy of.
-const LOCAL_HEADERS: usize = 4;
-
-thread_local! {
-    /// This thread's own copies of the header of the token in service, by token state and
-    /// generation.
-    static HEADERS: RefCell<[Option<(u64, u64, HeaderValue)>; LOCAL_HEADERS]> =
-        const { RefCell::new([const { None }; LOCAL_HEADERS]) };
-}
-
-/// The header of `installed`, from this thread's own copy of it.
-///
-/// NOTE: a `HeaderValue` clone bumps the reference count of its bytes. Shared by every thread,
-/// that count is one cache line that all cores write on every request (the wall under
-/// contention); a copy per thread keeps the write on the core that makes it. A copy is made
-/// once per thread and token, so the fresh-token path still allocates nothing of its own.
-fn local_header(state: u64, installed: &Installed) -> HeaderValue {
-    let key = (state, installed.generation);
-    HEADERS
-        .try_with(|headers| {
-            let mut headers = headers.try_borrow_mut().ok()?;
-            if let Some((_, _, value)) = headers.iter().flatten().find(|(s, g, _)| (*s, *g) == key)
-            {
-                return Some(value.clone());
-            }
-
-            let mut copy = HeaderValue::from_bytes(installed.header.as_bytes()).ok()?;
-            copy.set_sensitive(true);
-            // Replace the slot of this state, else an empty one, else the oldest state's.
-            let slot = headers
-                .iter()
-                .position(|entry| entry.as_ref().is_some_and(|(s, _, _)| *s == state))
-                .or_else(|| headers.iter().position(Option::is_none))
-                .unwrap_or_else(|| {
-                    headers
-                        .iter()
-                        .enumerate()
-                        .min_by_key(|(_, entry)| entry.as_ref().map_or(0, |(s, _, _)| *s))
-                        .map_or(0, |(index, _)| index)
-                });
-            headers[slot] = Some((state, installed.generation, copy.clone()));
-            Some(copy)
-        })
-        .ok()
-        .flatten()
-        .unwrap_or_else(|| installed.header.clone())
-}
-
 /// Counters of what the layer did, for [`Stats`](crate::Stats).
 #[derive(Default)]
 pub(crate) struct Counters {
@@ -318,8 +266,6 @@ enum Ticket {
 
 /// The shared token state.
 pub(crate) struct TokenState {
-    /// Tells token states apart in the threads' header copies; never reused.
-    id: u64,
     current: ArcSwapOption<Installed>,
     slot: Mutex<Slot>,
     source: Arc<dyn DynSource>,
@@ -340,7 +286,6 @@ impl fmt::Debug for TokenState {
 impl TokenState {
     pub(crate) fn new(source: Arc<dyn DynSource>) -> Self {
         Self {
-            id: NEXT_STATE_ID.fetch_add(1, Ordering::Relaxed),
             current: ArcSwapOption::empty(),
             slot: Mutex::new(Slot::default()),
             source,
@@ -387,7 +332,7 @@ impl TokenState {
             }
         }
         Current::Ready {
-            header: local_header(self.id, installed),
+            header: installed.header.clone(),
             generation: installed.generation,
         }
     }
