@@ -46,8 +46,10 @@ pin_project! {
         // The request and the service to send it on, while they wait for a token or for the
         // service to become ready.
         pending: Option<(Request<B>, S)>,
-        // What the request keeps for its retry, and the service for it.
-        retry: Option<(Replay<B>, S)>,
+        // What the request keeps for its retry.
+        retry: Option<Replay<B>>,
+        // The service that sent the first attempt, kept to send the retry.
+        service: Option<S>,
     }
 }
 
@@ -82,6 +84,7 @@ where
             generation: 0,
             pending: None,
             retry: None,
+            service: None,
         }
     }
 
@@ -89,7 +92,8 @@ where
         future: S::Future,
         common: Arc<Common>,
         generation: u64,
-        retry: Option<(Replay<B>, S)>,
+        retry: Option<Replay<B>>,
+        service: Option<S>,
     ) -> Self {
         Self {
             state: State::First { future },
@@ -97,6 +101,7 @@ where
             generation,
             pending: None,
             retry,
+            service,
         }
     }
 
@@ -106,7 +111,7 @@ where
         cause: Cause,
         service: S,
         request: Request<B>,
-        retry: Option<(Replay<B>, S)>,
+        retry: Option<Replay<B>>,
     ) -> Self {
         let token = Box::pin(Arc::clone(&common.state).renew(seen, cause));
         Self {
@@ -115,6 +120,7 @@ where
             generation: seen,
             pending: Some((request, service)),
             retry,
+            service: None,
         }
     }
 }
@@ -160,6 +166,7 @@ where
                         Ok(response) => response,
                         Err(error) => {
                             *this.retry = None;
+                            *this.service = None;
                             this.state.set(State::Done);
                             return Poll::Ready(Err(error.into()));
                         }
@@ -168,15 +175,15 @@ where
                     if !judge(common, &mut response) {
                         // NOTE: dropping the retry's share releases a captured body at once.
                         *this.retry = None;
+                        *this.service = None;
                         this.state.set(State::Done);
                         return Poll::Ready(Ok(watched(common, *this.generation, response)));
                     }
 
                     let state = Arc::clone(&common.state);
                     let generation = *this.generation;
-                    *this.pending = this.retry.take().and_then(|(replay, service)| {
-                        replay.into_request().map(|request| (request, service))
-                    });
+                    let request = this.retry.take().and_then(Replay::into_request);
+                    *this.pending = request.zip(this.service.take());
                     if this.pending.is_none() {
                         // The rejection goes back as it is; the next call gets a new token.
                         tracing::debug!(generation, "token rejected, request cannot be retried");
@@ -226,6 +233,9 @@ where
                         Counters::bump(&common.state.counters.retries);
                         this.state.set(State::Retry { future });
                     } else {
+                        if this.retry.is_some() {
+                            *this.service = Some(service);
+                        }
                         this.state.set(State::First { future });
                     }
                 }

@@ -98,8 +98,7 @@ where
         let common = Arc::clone(&self.common);
         let (mut request, retry) =
             if common.retry && request.extensions().get::<Retried>().is_none() {
-                let (request, replay) = Replay::prepare(request, &self.replay, common.replay_limit);
-                (request, replay.map(|replay| (replay, self.inner.clone())))
+                Replay::prepare(request, &self.replay, common.replay_limit)
             } else {
                 (request, None)
             };
@@ -110,7 +109,10 @@ where
                     .headers_mut()
                     .insert(common.header_name.clone(), header);
                 let future = inner.call(request);
-                ResponseFuture::sent(future, common, generation, retry)
+                // NOTE: the service that sent the first attempt sends the retry, once it is
+                // ready again: no second clone per call.
+                let service = retry.is_some().then_some(inner);
+                ResponseFuture::sent(future, common, generation, retry, service)
             }
             Current::Wait { seen, cause } => {
                 // NOTE: the ready service is dropped, and with it any permit or buffer slot it
