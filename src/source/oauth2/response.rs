@@ -266,11 +266,18 @@ impl SecretGuard {
         extended
     }
 
-    /// Returns true when `text` holds one of the guarded strings.
+    /// Returns true when `text` holds one of the guarded strings, in any ASCII case, also
+    /// once percent-decoded or HTML-unescaped, as servers that echo what they were sent may
+    /// write it.
     fn reveals(&self, text: &[u8]) -> bool {
-        self.secrets
-            .iter()
-            .any(|secret| text.windows(secret.len()).any(|window| window == &**secret))
+        let variants = [text.to_vec(), percent_decoded(text), html_unescaped(text)];
+        variants.iter().any(|variant| {
+            self.secrets.iter().any(|secret| {
+                variant
+                    .windows(secret.len())
+                    .any(|window| window.eq_ignore_ascii_case(secret))
+            })
+        })
     }
 
     /// Adds the start of `body` to `err` when it is safe to show: the body holds none of the
@@ -308,6 +315,68 @@ impl SecretGuard {
     }
 }
 
+/// `text` with `%XX` escapes (either case) decoded and `+` read as a space.
+fn percent_decoded(text: &[u8]) -> Vec<u8> {
+    let hex = |byte: u8| char::from(byte).to_digit(16);
+    let mut out = Vec::with_capacity(text.len());
+    let mut index = 0;
+    while index < text.len() {
+        match text[index] {
+            b'%' if index + 2 < text.len() => match (hex(text[index + 1]), hex(text[index + 2])) {
+                (Some(high), Some(low)) => {
+                    out.push((high * 16 + low) as u8);
+                    index += 3;
+                    continue;
+                }
+                _ => out.push(b'%'),
+            },
+            b'+' => out.push(b' '),
+            byte => out.push(byte),
+        }
+        index += 1;
+    }
+    out
+}
+
+/// `text` with the common HTML character references unescaped: `&amp;`, `&lt;`, `&gt;`,
+/// `&quot;`, `&apos;`, and numeric ones (`&#39;`, `&#x27;`).
+fn html_unescaped(text: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(text.len());
+    let mut index = 0;
+    while index < text.len() {
+        if text[index] == b'&' {
+            if let Some(length) = text[index..].iter().take(12).position(|b| *b == b';') {
+                let entity = &text[index + 1..index + length];
+                let decoded = match entity {
+                    b"amp" => Some('&'),
+                    b"lt" => Some('<'),
+                    b"gt" => Some('>'),
+                    b"quot" => Some('"'),
+                    b"apos" => Some('\''),
+                    [b'#', b'x' | b'X', digits @ ..] => std::str::from_utf8(digits)
+                        .ok()
+                        .and_then(|d| u32::from_str_radix(d, 16).ok())
+                        .and_then(char::from_u32),
+                    [b'#', digits @ ..] => std::str::from_utf8(digits)
+                        .ok()
+                        .and_then(|d| d.parse().ok())
+                        .and_then(char::from_u32),
+                    _ => None,
+                };
+                if let Some(ch) = decoded {
+                    let mut buffer = [0; 4];
+                    out.extend_from_slice(ch.encode_utf8(&mut buffer).as_bytes());
+                    index += length + 1;
+                    continue;
+                }
+            }
+        }
+        out.push(text[index]);
+        index += 1;
+    }
+    out
+}
+
 #[cfg(test)]
 mod escape_tests {
     use super::*;
@@ -328,6 +397,31 @@ mod escape_tests {
 
             assert_eq!(err.excerpt(), None, "{}", String::from_utf8_lossy(body));
         }
+    }
+
+    #[test]
+    fn r10_echoed_secrets_are_recognised_in_other_encodings() {
+        let guard = SecretGuard::new([String::from("p@ss word/x&y<z>")]);
+        let echoes: [&[u8]; 5] = [
+            b"invalid client p@ss word/x&amp;y&lt;z&gt; here",
+            b"invalid client p%40ss%20word%2fx%26y%3cz%3e here",
+            b"invalid client p%40ss+word%2Fx%26y%3Cz%3E here",
+            b"invalid client P@SS WORD/X&Y<Z> here",
+            b"invalid client p&#64;ss word&#x2F;x&amp;y&lt;z&gt; here",
+        ];
+
+        for echo in echoes {
+            let err = Error::endpoint(StatusCode::BAD_GATEWAY, None, None, None);
+
+            let err = guard.add_excerpt(err, echo);
+
+            assert_eq!(err.excerpt(), None, "{}", String::from_utf8_lossy(echo));
+        }
+        let harmless = guard.add_excerpt(
+            Error::endpoint(StatusCode::BAD_GATEWAY, None, None, None),
+            b"<html> 502 bad gateway </html>",
+        );
+        assert!(harmless.excerpt().is_some());
     }
 }
 
