@@ -727,7 +727,7 @@ fn backoff(settings: &Settings, failures: u32) -> Duration {
 }
 
 /// A random number in [0, 1), from the standard library's randomly seeded hasher.
-fn random_unit() -> f64 {
+pub(crate) fn random_unit() -> f64 {
     use std::hash::{BuildHasher, Hasher};
 
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();

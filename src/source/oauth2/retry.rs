@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::{header, HeaderMap};
 
-use crate::Error;
+use crate::{state::random_unit, Error};
 
 /// Attempts per fetch, the first one included, unless configured otherwise.
 pub(super) const DEFAULT_MAX_ATTEMPTS: u32 = 3;
@@ -108,16 +108,6 @@ pub(super) fn backoff(attempt: u32, unit: f64) -> Duration {
     let exponent = attempt.saturating_sub(1).min(16);
     let base = BASE_DELAY.saturating_mul(1 << exponent).min(MAX_DELAY);
     base.mul_f64(0.5 + unit.clamp(0.0, 1.0) / 2.0)
-}
-
-/// A random number in `[0, 1)`, from the standard library's randomly seeded hasher, the way
-/// the layer's own failure back-off makes one: no dependency for a little jitter.
-fn random_unit() -> f64 {
-    use std::hash::{BuildHasher, Hasher};
-
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u64(0);
-    (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// Returns true when `error` says the request never reached the server: the connection was
