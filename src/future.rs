@@ -333,7 +333,7 @@ async fn drain<B: Body>(body: B) {
             }
         }
     };
-    let _ = tokio::time::timeout(DRAIN_TIME, read).await;
+    let _ = crate::sync::timeout(DRAIN_TIME, read).await;
 }
 
 impl<S, B> fmt::Debug for ResponseFuture<S, B>

@@ -96,6 +96,7 @@ mod layer;
 mod service;
 pub mod source;
 mod state;
+mod sync;
 mod token;
 
 pub use body::{ReplayBodies, ReplayBody, ReplayPolicy, ResponseBody};

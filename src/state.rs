@@ -1,6 +1,6 @@
 //! The token state that every clone of a layer shares.
 //!
-//! Reading the current token is lock-free: the installed token sits behind an [`ArcSwapOption`]
+//! Reading the current token is lock-free: the installed token sits behind an `ArcSwapOption`
 //! and a request only loads it, reads the clock when the token has a known expiry, and copies
 //! the prepared header value. Everything else (starting a refresh, joining one, remembering a
 //! failure) happens under one small mutex that the fresh-token path never touches.
@@ -13,21 +13,21 @@
 use std::{
     fmt,
     sync::{
-        atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering},
-        Arc, Mutex, MutexGuard, PoisonError,
+        atomic::{AtomicU64, Ordering},
+        Arc, PoisonError,
     },
     time::Duration,
 };
 
-use arc_swap::ArcSwapOption;
 use http::HeaderValue;
-use tokio::{
-    sync::{broadcast, watch},
-    time::Instant,
-};
+use tokio::sync::broadcast;
 use tracing::Instrument;
 
-use crate::{source::DynSource, Error, Token};
+use crate::{
+    source::DynSource,
+    sync::{self, watch, AtomicBool, AtomicU8, Instant, Mutex, MutexGuard, Runtime, TokenCell},
+    Error, Token,
+};
 
 /// The token may be sent.
 const VALID: u8 = 0;
@@ -175,7 +175,7 @@ impl Installed {
             return Freshness::Fresh;
         }
 
-        let now = Instant::now();
+        let now = sync::now();
         if self.expired_at.is_some_and(|expired_at| now >= expired_at) {
             Freshness::Expired
         } else if self.stale_at.is_some_and(|stale_at| now >= stale_at) {
@@ -266,10 +266,10 @@ enum Ticket {
 
 /// The shared token state.
 pub(crate) struct TokenState {
-    current: ArcSwapOption<Installed>,
+    current: TokenCell<Installed>,
     slot: Mutex<Slot>,
     source: Arc<dyn DynSource>,
-    settings: Mutex<Settings>,
+    settings: std::sync::Mutex<Settings>,
     pub(crate) counters: Counters,
     updates: broadcast::Sender<Token>,
 }
@@ -286,10 +286,10 @@ impl fmt::Debug for TokenState {
 impl TokenState {
     pub(crate) fn new(source: Arc<dyn DynSource>) -> Self {
         Self {
-            current: ArcSwapOption::empty(),
+            current: TokenCell::empty(),
             slot: Mutex::new(Slot::default()),
             source,
-            settings: Mutex::new(Settings::default()),
+            settings: std::sync::Mutex::new(Settings::default()),
             counters: Counters::default(),
             updates: broadcast::Sender::new(UPDATES_CAPACITY),
         }
@@ -449,14 +449,14 @@ impl TokenState {
 
         if !force {
             if let Some(failure) = &slot.failure {
-                if failure.generation == generation && Instant::now() < failure.until {
+                if failure.generation == generation && sync::now() < failure.until {
                     tracing::trace!(generation, "refresh failed recently, not retrying yet");
                     return Ticket::Failed(failure.error.clone());
                 }
             }
         }
 
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        let Some(runtime) = Runtime::current() else {
             tracing::warn!("token refresh needs a tokio runtime, and none is running");
             return Ticket::Failed(Error::config("no tokio runtime to run the refresh on"));
         };
@@ -514,12 +514,12 @@ impl TokenState {
             id,
         };
         let settings = self.settings();
-        let started = Instant::now();
+        let started = sync::now();
 
         let rotates = self.source.rotates_credentials();
         let mut fetch = Arc::clone(&self.source).fetch_owned(previous);
         let mut released = false;
-        let fetched = match tokio::time::timeout(settings.refresh_timeout, &mut fetch).await {
+        let fetched = match sync::timeout(settings.refresh_timeout, &mut fetch).await {
             Ok(fetched) => fetched,
             Err(_) if rotates => {
                 // NOTE: the fetch may have used up a refresh token that only its answer
@@ -528,13 +528,13 @@ impl TokenState {
                 released = true;
                 let waiters = self.release_late(id, replaces, &settings, &sender);
                 tracing::debug!(waiters, "token refresh is late, waiters released");
-                tokio::time::timeout(late_grace(&settings), fetch)
+                sync::timeout(late_grace(&settings), fetch)
                     .await
                     .unwrap_or_else(|_| Err(Error::timeout()))
             }
             Err(_) => Err(Error::timeout()),
         };
-        let now = Instant::now();
+        let now = sync::now();
         let outcome = fetched
             .and_then(|token| Installed::new(token, replaces + 1, &settings, now))
             .map(Arc::new);
@@ -600,7 +600,7 @@ impl TokenState {
             return;
         }
         installed.background.store(true, Ordering::Relaxed);
-        tokio::time::sleep(settings.failure_backoff.min(MAX_BACKOFF)).await;
+        sync::sleep(settings.failure_backoff.min(MAX_BACKOFF)).await;
         installed.background.store(false, Ordering::Relaxed);
     }
 
@@ -649,7 +649,7 @@ impl TokenState {
             .min(settings.max_failure_backoff)
             .min(MAX_BACKOFF);
         let backoff = backoff(settings, slot.consecutive_failures).max(asked);
-        let now = Instant::now();
+        let now = sync::now();
         slot.failure = Some(Failure {
             generation: replaces,
             until: now.checked_add(backoff).unwrap_or(now),
@@ -675,7 +675,7 @@ impl TokenState {
 
         // NOTE: a stale-path request that met the back-off started nothing, whichever refresh
         // failed; clearing the flag lets the next one try.
-        tokio::time::sleep(backoff).await;
+        sync::sleep(backoff).await;
         current.background.store(false, Ordering::Relaxed);
     }
 }
@@ -734,6 +734,9 @@ pub(crate) fn random_unit() -> f64 {
     hasher.write_u64(0);
     (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
+
+#[cfg(all(test, token_refresh_loom))]
+mod model;
 
 #[cfg(test)]
 mod tests {
@@ -841,7 +844,7 @@ mod tests {
         let source = source::from_fn(move |_previous| {
             let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
             async move {
-                let asked = Instant::now() + Duration::from_secs(30);
+                let asked = sync::now() + Duration::from_secs(30);
                 Ok::<_, Error>(Token::new(format!("token-{n}")).with_refresh_at(asked))
             }
         });
@@ -871,7 +874,7 @@ mod tests {
         let counter = Arc::clone(&calls);
         let source = source::from_fn(move |_previous| {
             counter.fetch_add(1, Ordering::SeqCst);
-            async move { Ok::<_, Error>(Token::new("same").with_refresh_at(Instant::now())) }
+            async move { Ok::<_, Error>(Token::new("same").with_refresh_at(sync::now())) }
         });
         let state = Arc::new(TokenState::new(Arc::new(source)));
         Arc::clone(&state).renew(0, Cause::FirstUse).await.unwrap();
@@ -881,7 +884,7 @@ mod tests {
             tokio::task::yield_now().await;
         }
         let within_a_second = calls.load(Ordering::SeqCst);
-        tokio::time::sleep(Duration::from_millis(1100)).await;
+        sync::sleep(Duration::from_millis(1100)).await;
         assert!(header_of(state.current()).is_some());
         tokio::task::yield_now().await;
 
@@ -895,7 +898,7 @@ mod tests {
             refresh_jitter: Duration::from_secs(60),
             ..Settings::default()
         };
-        let now = Instant::now();
+        let now = sync::now();
         let expires_at = now + Duration::from_secs(3600);
 
         let starts: Vec<_> = (0..50)
@@ -929,7 +932,7 @@ mod tests {
                 refresh_jitter: Duration::from_millis(jitter_ms),
                 ..Settings::default()
             };
-            let now = Instant::now();
+            let now = sync::now();
             let token = Token::new("t").with_lifetime_from(now, Duration::from_millis(lifetime_ms));
             let lifetime = token.expires_at().unwrap() - now;
 
@@ -1006,7 +1009,7 @@ mod tests {
         let state = Arc::new(TokenState::new(Arc::new(source)));
         state.update_settings(|s| s.refresh_timeout = Duration::from_secs(3));
 
-        let started = Instant::now();
+        let started = sync::now();
         let err = Arc::clone(&state)
             .renew(0, Cause::FirstUse)
             .await
