@@ -27,7 +27,11 @@
 
 use std::{fmt, sync::Arc};
 
-use http::{header::WWW_AUTHENTICATE, HeaderMap, HeaderValue, StatusCode};
+use http::{header::WWW_AUTHENTICATE, HeaderMap, HeaderName, HeaderValue, StatusCode};
+
+/// The gRPC status header, named once: looking it up by `&str` would parse the name on every
+/// response.
+static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
 /// The longest `WWW-Authenticate` value that is parsed; longer ones are ignored.
 const MAX_CHALLENGE_LEN: usize = 8 * 1024;
@@ -92,7 +96,7 @@ impl Classifier {
 /// Returns true when `headers` (or trailers) carry `grpc-status: 16`.
 pub(crate) fn is_grpc_unauthenticated(headers: &HeaderMap) -> bool {
     headers
-        .get("grpc-status")
+        .get(&GRPC_STATUS)
         .is_some_and(|status| status.as_bytes().trim_ascii() == b"16")
 }
 
