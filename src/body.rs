@@ -538,8 +538,14 @@ fn head_of<B>(request: &Request<B>) -> Request<()> {
     *head.method_mut() = request.method().clone();
     *head.uri_mut() = request.uri().clone();
     *head.version_mut() = request.version();
-    *head.headers_mut() = request.headers().clone();
-    *head.extensions_mut() = request.extensions().clone();
+    // NOTE: most requests reach the layer without headers or extensions (the token is added
+    // after this copy): the empty ones of `Request::new` are kept rather than cloned.
+    if !request.headers().is_empty() {
+        *head.headers_mut() = request.headers().clone();
+    }
+    if !request.extensions().is_empty() {
+        *head.extensions_mut() = request.extensions().clone();
+    }
     head
 }
 
