@@ -481,9 +481,21 @@ impl Drop for Held {
 }
 
 impl<B> Replay<B> {
-    /// Keeps what `request` needs for a retry, or nothing when it cannot be retried: a copy
-    /// of the body when the policy can make one, else a capture of at most `limit` bytes.
-    pub(crate) fn prepare<P>(
+    /// A copy of `request` for a retry, when the policy can copy its body up front.
+    ///
+    /// NOTE: the request is only borrowed, so that the common case moves no request around.
+    pub(crate) fn copy<P>(request: &Request<B>, policy: &P) -> Option<Self>
+    where
+        P: ReplayPolicy<B>,
+    {
+        let body = policy.replay(request.body())?;
+        Some(Replay::Copy(head_of(request).map(|()| body)))
+    }
+
+    /// Wraps the body of a request that [`Replay::copy`] could not copy, so that at most
+    /// `limit` bytes of it are kept for a retry; nothing is kept when the policy cannot
+    /// capture the body.
+    pub(crate) fn capture<P>(
         request: Request<B>,
         policy: &P,
         limit: usize,
@@ -491,10 +503,6 @@ impl<B> Replay<B> {
     where
         P: ReplayPolicy<B>,
     {
-        if let Some(body) = policy.replay(request.body()) {
-            let copy = head_of(&request).map(|()| body);
-            return (request, Some(Replay::Copy(copy)));
-        }
         if limit == 0 {
             return (request, None);
         }

@@ -96,12 +96,14 @@ where
         }
 
         let common = Arc::clone(&self.common);
-        let (mut request, retry) =
-            if common.retry && request.extensions().get::<Retried>().is_none() {
-                Replay::prepare(request, &self.replay, common.replay_limit)
-            } else {
-                (request, None)
-            };
+        let mut request = request;
+        let mut retry = None;
+        if common.retry && request.extensions().get::<Retried>().is_none() {
+            retry = Replay::copy(&request, &self.replay);
+            if retry.is_none() {
+                (request, retry) = Replay::capture(request, &self.replay, common.replay_limit);
+            }
+        }
 
         match common.state.current() {
             Current::Ready { header, generation } => {
