@@ -85,7 +85,7 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, request: Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
         // NOTE: the service that was driven to readiness takes this request; a clone stays
         // behind for the next one (the tower rule for cloned inner services).
         let clone = self.inner.clone();
@@ -96,7 +96,6 @@ where
         }
 
         let common = Arc::clone(&self.common);
-        let mut request = request;
         let mut retry = None;
         if common.retry && request.extensions().get::<Retried>().is_none() {
             retry = Replay::copy(&request, &self.replay);
