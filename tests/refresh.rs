@@ -184,6 +184,50 @@ async fn f13_the_default_margin_replaces_a_token_with_twelve_seconds_left() {
     assert_eq!(tokens.calls(), 2);
 }
 
+/// Sends one request through `service` itself, not a clone, and expects a 200.
+async fn send<S, B>(service: &mut S)
+where
+    S: tower::Service<Request<Full<Bytes>>, Response = Response<B>>,
+    S::Error: std::fmt::Debug,
+{
+    let response = service
+        .ready()
+        .await
+        .unwrap()
+        .call(get("http://api.test/"))
+        .await;
+    assert_eq!(response.unwrap().status(), StatusCode::OK);
+}
+
+#[tokio::test(start_paused = true)]
+async fn r2_a_service_that_sends_many_requests_follows_every_new_invalidated_and_expired_token() {
+    let seen = Recorder::default();
+    let tokens = Counting::new();
+    let layer = RefreshLayer::new(tokens.source(Some(Duration::from_secs(3600)), Duration::ZERO));
+    let handle = layer.handle();
+    // NOTE: one service sends every request: from its second on, it reads the token through
+    // its own copy, which must follow every change of the shared token.
+    let mut service = ServiceBuilder::new()
+        .layer(layer)
+        .service(recording_service(Arc::clone(&seen), &[]));
+    handle.refresh().await.unwrap();
+
+    send(&mut service).await;
+    send(&mut service).await;
+    handle.refresh().await.unwrap();
+    send(&mut service).await;
+    handle.invalidate();
+    send(&mut service).await;
+    tokio::time::advance(Duration::from_secs(3600 - 12)).await;
+    send(&mut service).await;
+
+    assert_eq!(
+        *seen.lock().unwrap(),
+        ["token-1", "token-1", "token-2", "token-3", "token-4"]
+    );
+    assert_eq!(tokens.calls(), 4);
+}
+
 #[tokio::test(start_paused = true)]
 async fn r2_a_stale_token_is_used_while_one_background_refresh_runs() {
     let seen = Recorder::default();
