@@ -86,13 +86,12 @@ where
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        // NOTE: the service that was driven to readiness takes this request; a clone stays
-        // behind for the next one (the tower rule for cloned inner services).
-        let clone = self.inner.clone();
-        let mut inner = mem::replace(&mut self.inner, clone);
-
+        // NOTE: the service that was driven to readiness takes this request. It is called in
+        // place unless the response future needs a service of its own (to send a retry, or
+        // to be driven to readiness once a token is there); then a clone stays behind for the
+        // next request, as tower's rule for cloned inner services asks.
         if self.passes_through(&request) {
-            return ResponseFuture::passthrough(inner.call(request));
+            return ResponseFuture::passthrough(self.inner.call(request));
         }
 
         let common = Arc::clone(&self.common);
@@ -109,11 +108,15 @@ where
                 request
                     .headers_mut()
                     .insert(common.header_name.clone(), header);
-                let future = inner.call(request);
+                if retry.is_none() {
+                    let future = self.inner.call(request);
+                    return ResponseFuture::sent(future, common, generation, None, None);
+                }
                 // NOTE: the service that sent the first attempt sends the retry, once it is
-                // ready again: no second clone per call.
-                let service = retry.is_some().then_some(inner);
-                ResponseFuture::sent(future, common, generation, retry, service)
+                // ready again: one clone per call, not two.
+                let mut inner = self.take_ready();
+                let future = inner.call(request);
+                ResponseFuture::sent(future, common, generation, retry, Some(inner))
             }
             Current::Wait { seen, cause } => {
                 // NOTE: the ready service is dropped, and with it any permit or buffer slot it
@@ -121,11 +124,19 @@ where
                 // the layer, or starve a token source that shares it (R13). A clone is driven
                 // to readiness once the token is there.
                 tracing::trace!(seen, ?cause, "request waits for a token");
-                drop(inner);
+                drop(self.take_ready());
                 let service = self.inner.clone();
                 ResponseFuture::waiting(common, seen, cause, service, request, retry)
             }
         }
+    }
+}
+
+impl<S: Clone, R> Refresh<S, R> {
+    /// Takes the service that was driven to readiness, leaving a clone for the next request.
+    fn take_ready(&mut self) -> S {
+        let clone = self.inner.clone();
+        mem::replace(&mut self.inner, clone)
     }
 }
 

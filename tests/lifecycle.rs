@@ -21,7 +21,9 @@ use http::{Request, Response, StatusCode};
 use http_body::Frame;
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use tokio::time::Instant;
-use tower::{limit::GlobalConcurrencyLimitLayer, service_fn, Layer, ServiceBuilder, ServiceExt};
+use tower::{
+    limit::GlobalConcurrencyLimitLayer, service_fn, Layer, Service, ServiceBuilder, ServiceExt,
+};
 use tower_token_refresh::{source, Error, RefreshLayer, Token, TokenSource};
 
 type Seen = Arc<Mutex<Vec<String>>>;
@@ -376,4 +378,65 @@ async fn r12_subscribers_see_tokens_in_the_order_they_were_installed() {
 
     let expected: Vec<_> = (1..=installed).map(|n| format!("token-{n}")).collect();
     assert_eq!(seen, expected);
+}
+
+/// An inner service that counts its clones and answers 200.
+#[derive(Default)]
+struct CountingClones {
+    clones: Arc<AtomicUsize>,
+}
+
+impl Clone for CountingClones {
+    fn clone(&self) -> Self {
+        self.clones.fetch_add(1, Ordering::SeqCst);
+        Self {
+            clones: Arc::clone(&self.clones),
+        }
+    }
+}
+
+impl Service<Request<Full<Bytes>>> for CountingClones {
+    type Response = Response<Full<Bytes>>;
+    type Error = Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _request: Request<Full<Bytes>>) -> Self::Future {
+        std::future::ready(Ok(Response::new(Full::default())))
+    }
+}
+
+/// The inner service is cloned only when the response future needs one of its own: once per
+/// call to keep for the retry, never with retries off or for a request the layer leaves alone.
+#[tokio::test]
+async fn the_inner_service_is_cloned_only_for_a_retry() {
+    for (retry, header, clones_per_call) in
+        [(true, None, 1), (false, None, 0), (true, Some("x"), 0)]
+    {
+        let inner = CountingClones::default();
+        let clones = Arc::clone(&inner.clones);
+        let layer = RefreshLayer::new(source::Static::new("t1")).retry(retry);
+        // The token is there before the first request: a request that waits for it needs a
+        // service of its own, and is counted elsewhere.
+        layer.handle().refresh().await.unwrap();
+        let mut service = layer.layer(inner);
+        for _ in 0..10 {
+            let mut request = Request::new(Full::new(Bytes::from_static(b"body")));
+            if let Some(value) = header {
+                request
+                    .headers_mut()
+                    .insert(http::header::AUTHORIZATION, value.parse().unwrap());
+            }
+            let response = service.ready().await.unwrap().call(request).await.unwrap();
+            assert_eq!(response.status(), StatusCode::OK);
+        }
+        assert_eq!(
+            clones.load(Ordering::SeqCst),
+            10 * clones_per_call,
+            "retry {retry}, header {header:?}"
+        );
+    }
 }
