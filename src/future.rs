@@ -18,7 +18,7 @@ use tower::Service;
 use crate::{
     body::{Replay, ResponseBody},
     layer::Common,
-    service::Retried,
+    service::{Retried, Shared},
     state::{Cause, Counters, Installed, TokenState},
     BoxError, Error,
 };
@@ -40,7 +40,7 @@ pin_project! {
     {
         #[pin]
         state: State<S::Future>,
-        common: Option<Arc<Common>>,
+        common: Option<Arc<Shared<S>>>,
         // The generation of the token the current attempt was sent with.
         generation: u64,
         // The request and the service to send it on, while they wait for a token or for the
@@ -48,7 +48,8 @@ pin_project! {
         pending: Option<(Request<B>, S)>,
         // What the request keeps for its retry.
         retry: Option<Replay<B>>,
-        // The service that sent the first attempt, kept to send the retry.
+        // After a wait for a token, the service that sent the first attempt, kept to send the
+        // retry; otherwise the retry goes through a clone of the layer's spare service.
         service: Option<S>,
     }
 }
@@ -90,10 +91,9 @@ where
 
     pub(crate) fn sent(
         future: S::Future,
-        common: Arc<Common>,
+        common: Arc<Shared<S>>,
         generation: u64,
         retry: Option<Replay<B>>,
-        service: Option<S>,
     ) -> Self {
         Self {
             state: State::First { future },
@@ -101,12 +101,12 @@ where
             generation,
             pending: None,
             retry,
-            service,
+            service: None,
         }
     }
 
     pub(crate) fn waiting(
-        common: Arc<Common>,
+        common: Arc<Shared<S>>,
         seen: u64,
         cause: Cause,
         service: S,
@@ -127,7 +127,7 @@ where
 
 impl<S, B, ResBody> Future for ResponseFuture<S, B>
 where
-    S: Service<Request<B>, Response = Response<ResBody>>,
+    S: Service<Request<B>, Response = Response<ResBody>> + Clone,
     S::Error: Into<BoxError>,
     ResBody: Body + Send + 'static,
 {
@@ -183,7 +183,9 @@ where
                     let state = Arc::clone(&common.state);
                     let generation = *this.generation;
                     let request = this.retry.take().and_then(Replay::into_request);
-                    *this.pending = request.zip(this.service.take());
+                    let service = this.service.take();
+                    *this.pending =
+                        request.and_then(|r| Some((r, service.or_else(|| common.spare())?)));
                     if this.pending.is_none() {
                         // The rejection goes back as it is; the next call gets a new token.
                         tracing::debug!(generation, "token rejected, request cannot be retried");

@@ -303,7 +303,7 @@ impl<S, R: Clone> Layer<S> for RefreshLayer<R> {
     type Service = Refresh<S, R>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Refresh::from_parts(inner, Arc::clone(&self.common), self.replay.clone())
+        Refresh::from_parts(inner, (*self.common).clone(), self.replay.clone())
     }
 }
 

@@ -2,7 +2,8 @@
 
 use std::{
     fmt, mem,
-    sync::Arc,
+    ops::Deref,
+    sync::{Arc, Mutex, OnceLock, PoisonError},
     task::{Context, Poll},
 };
 
@@ -24,8 +25,35 @@ use crate::{
 /// Clones share the token state of the layer they came from.
 pub struct Refresh<S, R = ReplayBodies> {
     inner: S,
-    common: Arc<Common>,
+    shared: Arc<Shared<S>>,
     replay: R,
+}
+
+/// What every clone of one [`Refresh`] shares, and its response futures hold: the layer's
+/// settings and token state, and a spare of the wrapped service for retries.
+pub(crate) struct Shared<S> {
+    common: Common,
+    /// A clone of the wrapped service, taken at the first call that may need a retry. A
+    /// rejected request's retry goes through a clone of it, so that a request whose token is
+    /// accepted clones no service.
+    spare: OnceLock<Mutex<S>>,
+}
+
+impl<S> Deref for Shared<S> {
+    type Target = Common;
+
+    fn deref(&self) -> &Common {
+        &self.common
+    }
+}
+
+impl<S: Clone> Shared<S> {
+    /// A service to send a retry on.
+    pub(crate) fn spare(&self) -> Option<S> {
+        let spare = self.spare.get()?;
+        // NOTE: the lock only guards clones of the service; a panicking clone breaks nothing.
+        Some(spare.lock().unwrap_or_else(PoisonError::into_inner).clone())
+    }
 }
 
 /// Marks a request that is a retry because of its token, so that no other copy of the layer
@@ -34,10 +62,13 @@ pub struct Refresh<S, R = ReplayBodies> {
 pub(crate) struct Retried;
 
 impl<S, R> Refresh<S, R> {
-    pub(crate) fn from_parts(inner: S, common: Arc<Common>, replay: R) -> Self {
+    pub(crate) fn from_parts(inner: S, common: Common, replay: R) -> Self {
         Self {
             inner,
-            common,
+            shared: Arc::new(Shared {
+                common,
+                spare: OnceLock::new(),
+            }),
             replay,
         }
     }
@@ -59,7 +90,7 @@ impl<S, R> Refresh<S, R> {
 
     /// Returns true when the layer leaves this request alone.
     fn passes_through<B>(&self, request: &Request<B>) -> bool {
-        let common = &*self.common;
+        let common = &self.shared.common;
         if !common.replace_existing && request.headers().contains_key(&common.header_name) {
             return true;
         }
@@ -94,7 +125,8 @@ where
             return ResponseFuture::passthrough(self.inner.call(request));
         }
 
-        let common = Arc::clone(&self.common);
+        let shared = Arc::clone(&self.shared);
+        let common = &shared.common;
         let mut retry = None;
         if common.retry && request.extensions().get::<Retried>().is_none() {
             retry = Replay::copy(&request, &self.replay);
@@ -108,15 +140,12 @@ where
                 request
                     .headers_mut()
                     .insert(common.header_name.clone(), header);
-                if retry.is_none() {
-                    let future = self.inner.call(request);
-                    return ResponseFuture::sent(future, common, generation, None, None);
+                if retry.is_some() {
+                    // NOTE: the spare is taken once per service; later calls only read it.
+                    let _ = shared.spare.get_or_init(|| Mutex::new(self.inner.clone()));
                 }
-                // NOTE: the service that sent the first attempt sends the retry, once it is
-                // ready again: one clone per call, not two.
-                let mut inner = self.take_ready();
-                let future = inner.call(request);
-                ResponseFuture::sent(future, common, generation, retry, Some(inner))
+                let future = self.inner.call(request);
+                ResponseFuture::sent(future, shared, generation, retry)
             }
             Current::Wait { seen, cause } => {
                 // NOTE: the ready service is dropped, and with it any permit or buffer slot it
@@ -126,7 +155,7 @@ where
                 tracing::trace!(seen, ?cause, "request waits for a token");
                 drop(self.take_ready());
                 let service = self.inner.clone();
-                ResponseFuture::waiting(common, seen, cause, service, request, retry)
+                ResponseFuture::waiting(shared, seen, cause, service, request, retry)
             }
         }
     }
@@ -144,7 +173,7 @@ impl<S: Clone, R: Clone> Clone for Refresh<S, R> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
-            common: Arc::clone(&self.common),
+            shared: Arc::clone(&self.shared),
             replay: self.replay.clone(),
         }
     }
@@ -154,7 +183,7 @@ impl<S: fmt::Debug, R> fmt::Debug for Refresh<S, R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Refresh")
             .field("inner", &self.inner)
-            .field("state", &self.common.state)
+            .field("state", &self.shared.state)
             .finish_non_exhaustive()
     }
 }
