@@ -172,6 +172,14 @@ where
                         }
                     };
                     let common = this.common.as_ref().expect("first attempt without common");
+                    if response.extensions().get::<Retried>().is_some() {
+                        // NOTE: another copy of the layer below this one already retried this
+                        // request once (R6); its answer goes back as it is.
+                        *this.retry = None;
+                        *this.service = None;
+                        this.state.set(State::Done);
+                        return Poll::Ready(Ok(response.map(ResponseBody::plain)));
+                    }
                     if !judge(common, &mut response) {
                         // NOTE: dropping the retry's share releases a captured body at once.
                         *this.retry = None;
@@ -255,6 +263,7 @@ where
                             "retried request rejected again"
                         );
                         Counters::bump(&common.state.counters.passed_through);
+                        response.extensions_mut().insert(Retried);
                         return Poll::Ready(Ok(response.map(ResponseBody::plain)));
                     }
                     return Poll::Ready(Ok(watched(common, *this.generation, response)));

@@ -56,8 +56,8 @@ impl<S: Clone> Shared<S> {
     }
 }
 
-/// Marks a request that is a retry because of its token, so that no other copy of the layer
-/// in the same stack retries it again (R6).
+/// Marks a request that is a retry because of its token, and the response to such a retry,
+/// so that no other copy of the layer in the same stack retries it again (R6).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Retried;
 
@@ -79,7 +79,18 @@ impl<S, R> Refresh<S, R> {
     }
 
     /// The inner service, mutably.
+    ///
+    /// Retries of this service's requests, and of its later clones', go through the changed
+    /// service; other clones keep theirs.
     pub fn get_mut(&mut self) -> &mut S {
+        // NOTE: the spare that retries are cloned from was taken from the service as it was,
+        // and clones share it: this service leaves it and takes a new one at its next call.
+        if self.shared.spare.get().is_some() || Arc::strong_count(&self.shared) > 1 {
+            self.shared = Arc::new(Shared {
+                common: self.shared.common.clone(),
+                spare: OnceLock::new(),
+            });
+        }
         &mut self.inner
     }
 

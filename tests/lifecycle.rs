@@ -439,3 +439,86 @@ async fn an_accepted_request_clones_no_inner_service() {
         );
     }
 }
+
+/// An inner service with a label that logs which label sent each token; "B" rejects `t1`.
+#[derive(Clone)]
+struct Labeled {
+    label: &'static str,
+    log: Arc<Mutex<Vec<(&'static str, String)>>>,
+}
+
+impl Service<Request<Full<Bytes>>> for Labeled {
+    type Response = Response<Full<Bytes>>;
+    type Error = Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<Full<Bytes>>) -> Self::Future {
+        let token = bearer(&request);
+        let mut response = Response::new(Full::default());
+        if self.label == "B" && token == "t1" {
+            *response.status_mut() = StatusCode::UNAUTHORIZED;
+        }
+        self.log.lock().unwrap().push((self.label, token));
+        std::future::ready(Ok(response))
+    }
+}
+
+/// A layer whose source hands out `t1`, `t2`, ... with `t1` installed.
+async fn numbered_layer() -> RefreshLayer {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let layer = RefreshLayer::new(source::from_fn(move |_previous| {
+        let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+        async move { Ok::<_, Error>(Token::new(format!("t{n}"))) }
+    }));
+    layer.handle().refresh().await.unwrap();
+    layer
+}
+
+/// A retry goes to the inner service the caller has now, also after `get_mut` changed it
+/// following earlier calls, and a clone changed through `get_mut` retries on its own service.
+#[tokio::test]
+async fn r6_a_retry_goes_to_the_inner_service_as_changed_through_get_mut() {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let layer = numbered_layer().await;
+    let mut service = layer.layer(Labeled {
+        label: "A",
+        log: Arc::clone(&log),
+    });
+    let first = service.ready().await.unwrap().call(get("http://x/")).await;
+    assert_eq!(first.unwrap().status(), StatusCode::OK);
+
+    service.get_mut().label = "B";
+    let second = service.ready().await.unwrap().call(get("http://x/")).await;
+    assert_eq!(second.unwrap().status(), StatusCode::OK);
+    assert_eq!(
+        *log.lock().unwrap(),
+        [("A", "t1".into()), ("B", "t1".into()), ("B", "t2".into())]
+    );
+
+    // Two clones, one changed before either sent anything: each retries on its own.
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let layer = numbered_layer().await;
+    let mut a = layer.layer(Labeled {
+        label: "A",
+        log: Arc::clone(&log),
+    });
+    let mut b = a.clone();
+    b.get_mut().label = "B";
+    let _ = a
+        .ready()
+        .await
+        .unwrap()
+        .call(get("http://x/"))
+        .await
+        .unwrap();
+    let rejected_then_retried = b.ready().await.unwrap().call(get("http://x/")).await;
+    assert_eq!(rejected_then_retried.unwrap().status(), StatusCode::OK);
+    assert_eq!(
+        *log.lock().unwrap(),
+        [("A", "t1".into()), ("B", "t1".into()), ("B", "t2".into())]
+    );
+}

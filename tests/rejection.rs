@@ -363,9 +363,11 @@ async fn r6_a_second_layer_in_the_stack_does_not_multiply_retries() {
     let response = service.oneshot(get(&api.url("/"))).await.unwrap();
 
     assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
-    // The inner copy retries the first attempt; the outer copy retries once and marks the
-    // retry, which the inner copy then sends once: three, not four.
-    assert_eq!(api.hits(), 3);
+    // The inner copy retries the first attempt once and marks its answer as a retry's: the
+    // outer copy returns it as it is, and refreshes nothing for it.
+    assert_eq!(api.hits(), 2);
+    assert_eq!(inner_tokens.calls(), 2);
+    assert_eq!(outer_tokens.calls(), 1);
 }
 
 #[tokio::test]
