@@ -9,34 +9,10 @@
 #[path = "support/mod.rs"]
 mod support;
 
-use std::{
-    future::Future,
-    pin::pin,
-    task::{Context, Poll, Waker},
-};
-
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use http::{Request, Response};
-use support::{ready_service, request, Body};
+use support::{drive, ready_service, request, Body};
 use tower::{Layer, Service};
-
-/// One request through `service`, start to finish, without a runtime.
-fn drive<S, B>(service: &mut S, request: Request<Body>) -> Response<B>
-where
-    S: Service<Request<Body>, Response = Response<B>>,
-    S::Error: std::fmt::Debug,
-{
-    let mut cx = Context::from_waker(Waker::noop());
-    match service.poll_ready(&mut cx) {
-        Poll::Ready(Ok(())) => {}
-        _ => panic!("inner service not ready"),
-    }
-    let future = pin!(service.call(request));
-    match future.poll(&mut cx) {
-        Poll::Ready(Ok(response)) => response,
-        _ => panic!("response not ready at once"),
-    }
-}
 
 fn bench<S, B>(
     group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,

@@ -17,34 +17,11 @@
 #[path = "../benches/support/mod.rs"]
 mod support;
 
-use std::{
-    future::Future,
-    hint::black_box,
-    pin::pin,
-    task::{Context, Poll, Waker},
-};
+use std::hint::black_box;
 
 use http::{Request, Response};
-use support::{ready_service, request, Body};
+use support::{drive, ready_service, request, Body};
 use tower::{Layer, Service};
-
-/// One request through `service`, start to finish, as `benches/overhead.rs` drives it.
-fn drive<S, B>(service: &mut S, request: Request<Body>) -> Response<B>
-where
-    S: Service<Request<Body>, Response = Response<B>>,
-    S::Error: std::fmt::Debug,
-{
-    let mut cx = Context::from_waker(Waker::noop());
-    match service.poll_ready(&mut cx) {
-        Poll::Ready(Ok(())) => {}
-        _ => panic!("inner service not ready"),
-    }
-    let future = pin!(service.call(request));
-    match future.poll(&mut cx) {
-        Poll::Ready(Ok(response)) => response,
-        _ => panic!("response not ready at once"),
-    }
-}
 
 #[inline(never)]
 fn run<S, B>(mut service: S, count: u64)

@@ -38,6 +38,25 @@ pub fn request() -> Request<Body> {
         .unwrap()
 }
 
+/// One request through `service`, start to finish, without a runtime: `poll_ready`, `call`
+/// and the response future, with a no-op waker. The inner service must answer at once.
+pub fn drive<S, B>(service: &mut S, request: Request<Body>) -> Response<B>
+where
+    S: Service<Request<Body>, Response = Response<B>>,
+    S::Error: std::fmt::Debug,
+{
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    match service.poll_ready(&mut cx) {
+        Poll::Ready(Ok(())) => {}
+        _ => panic!("inner service not ready"),
+    }
+    let future = std::pin::pin!(service.call(request));
+    match future.poll(&mut cx) {
+        Poll::Ready(Ok(response)) => response,
+        _ => panic!("response not ready at once"),
+    }
+}
+
 /// A layer that clones one shared `Arc` per call and inserts a fixed header: the floor for any
 /// layer with shared state.
 #[derive(Clone)]
