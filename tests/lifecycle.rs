@@ -16,7 +16,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use common::get;
+use common::{get, Counting};
 use http::{Request, Response, StatusCode};
 use http_body::Frame;
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
@@ -440,7 +440,8 @@ async fn an_accepted_request_clones_no_inner_service() {
     }
 }
 
-/// An inner service with a label that logs which label sent each token; "B" rejects `t1`.
+/// An inner service with a label that logs which label sent each token; "B" rejects
+/// `token-1`.
 #[derive(Clone)]
 struct Labeled {
     label: &'static str,
@@ -459,7 +460,7 @@ impl Service<Request<Full<Bytes>>> for Labeled {
     fn call(&mut self, request: Request<Full<Bytes>>) -> Self::Future {
         let token = bearer(&request);
         let mut response = Response::new(Full::default());
-        if self.label == "B" && token == "t1" {
+        if self.label == "B" && token == "token-1" {
             *response.status_mut() = StatusCode::UNAUTHORIZED;
         }
         self.log.lock().unwrap().push((self.label, token));
@@ -467,13 +468,9 @@ impl Service<Request<Full<Bytes>>> for Labeled {
     }
 }
 
-/// A layer whose source hands out `t1`, `t2`, ... with `t1` installed.
+/// A layer whose source hands out `token-1`, `token-2`, ... with `token-1` installed.
 async fn numbered_layer() -> RefreshLayer {
-    let calls = Arc::new(AtomicUsize::new(0));
-    let layer = RefreshLayer::new(source::from_fn(move |_previous| {
-        let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
-        async move { Ok::<_, Error>(Token::new(format!("t{n}"))) }
-    }));
+    let layer = RefreshLayer::new(Counting::new().source(None, Duration::ZERO));
     layer.handle().refresh().await.unwrap();
     layer
 }
@@ -496,7 +493,11 @@ async fn r6_a_retry_goes_to_the_inner_service_as_changed_through_get_mut() {
     assert_eq!(second.unwrap().status(), StatusCode::OK);
     assert_eq!(
         *log.lock().unwrap(),
-        [("A", "t1".into()), ("B", "t1".into()), ("B", "t2".into())]
+        [
+            ("A", "token-1".into()),
+            ("B", "token-1".into()),
+            ("B", "token-2".into())
+        ]
     );
 
     // Two clones, one changed before either sent anything: each retries on its own.
@@ -519,6 +520,10 @@ async fn r6_a_retry_goes_to_the_inner_service_as_changed_through_get_mut() {
     assert_eq!(rejected_then_retried.unwrap().status(), StatusCode::OK);
     assert_eq!(
         *log.lock().unwrap(),
-        [("A", "t1".into()), ("B", "t1".into()), ("B", "t2".into())]
+        [
+            ("A", "token-1".into()),
+            ("B", "token-1".into()),
+            ("B", "token-2".into())
+        ]
     );
 }
