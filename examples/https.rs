@@ -31,7 +31,6 @@ use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
 };
 use rustls::{
-    crypto::CryptoProvider,
     pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer},
     ClientConfig, RootCertStore, ServerConfig,
 };
@@ -151,8 +150,7 @@ impl CertificateAuthority {
     fn client_config(&self) -> Result<ClientConfig, BoxError> {
         let mut roots = RootCertStore::empty();
         roots.add(self.certificate.clone())?;
-        Ok(ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()?
+        Ok(ClientConfig::builder()
             .with_root_certificates(roots)
             .with_no_client_auth())
     }
@@ -160,15 +158,10 @@ impl CertificateAuthority {
     /// What the servers present.
     fn server_config(&self) -> Result<ServerConfig, BoxError> {
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.server_key.clone()));
-        Ok(ServerConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()?
+        Ok(ServerConfig::builder()
             .with_no_client_auth()
             .with_single_cert(vec![self.server_certificate.clone()], key)?)
     }
-}
-
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
 }
 
 /// The tokens the token endpoint issued and the API accepts.

@@ -23,7 +23,6 @@ use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
 };
 use rustls::{
-    crypto::CryptoProvider,
     pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer},
     ClientConfig, RootCertStore, ServerConfig,
 };
@@ -39,10 +38,6 @@ const SECRET: &str = "tls-client-s3cret";
 /// `authorization: Basic base64("orders-service:tls-client-s3cret")`.
 const BASIC: &str = "Basic b3JkZXJzLXNlcnZpY2U6dGxzLWNsaWVudC1zM2NyZXQ=";
 const ACCESS: &str = "tls-access-token-1";
-
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
 
 /// A certificate authority made for one test, with a server certificate it signed for
 /// `127.0.0.1` and `localhost`.
@@ -79,9 +74,7 @@ impl TestCa {
     fn client_config(&self) -> ClientConfig {
         let mut roots = RootCertStore::empty();
         roots.add(self.certificate.clone()).unwrap();
-        ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
+        ClientConfig::builder()
             .with_root_certificates(roots)
             .with_no_client_auth()
     }
@@ -89,9 +82,7 @@ impl TestCa {
     /// A server configuration presenting the certificate this authority signed.
     fn server_config(&self) -> ServerConfig {
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.server_key.clone()));
-        ServerConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
+        ServerConfig::builder()
             .with_no_client_auth()
             .with_single_cert(self.server_chain.clone(), key)
             .unwrap()

@@ -117,9 +117,7 @@ pub(super) fn default_for(_token_url: &Uri) -> Result<Transport, Error> {
 /// for certificate in CertificateDer::pem_file_iter(&ca_file)? {
 ///     roots.add(certificate?)?;
 /// }
-/// let provider = Arc::new(rustls::crypto::ring::default_provider());
-/// let tls_config = rustls::ClientConfig::builder_with_provider(provider)
-///     .with_safe_default_protocol_versions()?
+/// let tls_config = rustls::ClientConfig::builder()
 ///     .with_root_certificates(roots)
 ///     .with_no_client_auth();
 ///
@@ -223,9 +221,15 @@ fn build_default_tls_config() -> Result<Arc<rustls::ClientConfig>, Error> {
     use hyper_rustls::ConfigBuilderExt;
     use rustls::{crypto::CryptoProvider, ClientConfig};
 
+    // NOTE: rustls marks its ring provider deprecated because ring offers no post-quantum key
+    // exchange. It stays the fallback because it builds with no C toolchain beyond the
+    // system's; an application that wants post-quantum key exchange installs a provider that
+    // has it (aws-lc-rs) process-wide, and that provider is the one used here.
+    #[allow(deprecated)]
+    let fallback = rustls::crypto::ring::default_provider;
     let provider = CryptoProvider::get_default()
         .cloned()
-        .unwrap_or_else(|| Arc::new(rustls::crypto::ring::default_provider()));
+        .unwrap_or_else(|| Arc::new(fallback()));
     let builder = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|err| {
