@@ -10,7 +10,10 @@
 //! - Other boxed bodies stream through as they are produced, while the layer keeps a copy of
 //!   what was sent, up to [`RefreshLayer::replay_limit`] bytes (64 KiB by default). When a
 //!   rejection arrives and the whole body, trailers included, was captured within the limit,
-//!   the retry replays it byte for byte. When the limit was passed or the body was not
+//!   the retry replays it byte for byte. A server may answer before the transport has sent
+//!   the body's end (a gRPC server refusing a token does): the layer then waits, up to a
+//!   second, for the transport to finish or drop the body, and keeps what the body still
+//!   yields at once when it is dropped. When the limit was passed or the body was not
 //!   finished, the caller gets the rejection as it is, and the token is still refreshed for
 //!   the next call. The copy is dropped as soon as the call is decided.
 //! - Any other body type can be replayed by implementing [`ReplayBody`] for it, or by giving
@@ -23,9 +26,10 @@ use std::{
     collections::VecDeque,
     convert::Infallible,
     fmt,
+    pin::pin,
     pin::Pin,
     sync::{Arc, Mutex, PoisonError},
-    task::{ready, Context, Poll},
+    task::{ready, Context, Poll, Waker},
 };
 
 use bytes::{Buf, Bytes};
@@ -35,6 +39,7 @@ use http_body_util::{
     combinators::BoxBody, combinators::UnsyncBoxBody, BodyExt, Either, Empty, Full,
 };
 use pin_project_lite::pin_project;
+use tokio::sync::Notify;
 
 use crate::{classify::is_grpc_unauthenticated, state::TokenState};
 
@@ -210,8 +215,18 @@ where
 /// the body with [`BodyCapture::wrap`]. Cloning shares the copy.
 #[derive(Clone)]
 pub struct BodyCapture {
-    shared: Arc<Mutex<Capture>>,
+    shared: Arc<CaptureShared>,
 }
+
+struct CaptureShared {
+    capture: Mutex<Capture>,
+    /// Woken when the capture is decided: complete, or dropped.
+    decided: Notify,
+}
+
+/// How many frames a dropped body is still asked for, at most, when it is dropped before its
+/// end; the byte limit applies as well.
+const SALVAGE_FRAMES: usize = 1024;
 
 struct Capture {
     limit: usize,
@@ -235,18 +250,94 @@ impl BodyCapture {
     /// A capture that keeps at most `limit` bytes of data.
     pub(crate) fn new(limit: usize) -> Self {
         Self {
-            shared: Arc::new(Mutex::new(Capture {
-                limit,
-                len: 0,
-                chunks: VecDeque::new(),
-                trailers: None,
-                status: CaptureStatus::Open,
-            })),
+            shared: Arc::new(CaptureShared {
+                capture: Mutex::new(Capture {
+                    limit,
+                    len: 0,
+                    chunks: VecDeque::new(),
+                    trailers: None,
+                    status: CaptureStatus::Open,
+                }),
+                decided: Notify::new(),
+            }),
         }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Capture> {
-        self.shared.lock().unwrap_or_else(PoisonError::into_inner)
+        self.shared
+            .capture
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Changes the capture, and wakes whoever waits for it to be decided if it now is.
+    fn update<T>(&self, change: impl FnOnce(&mut Capture) -> T) -> T {
+        let (out, decided) = {
+            let mut capture = self.lock();
+            let was_open = capture.status == CaptureStatus::Open;
+            let out = change(&mut capture);
+            (out, was_open && capture.status != CaptureStatus::Open)
+        };
+        if decided {
+            self.shared.decided.notify_waiters();
+        }
+        out
+    }
+
+    /// Returns true while frames are still being captured.
+    pub(crate) fn is_open(&self) -> bool {
+        self.lock().status == CaptureStatus::Open
+    }
+
+    /// Completes once the capture is decided: the body ended, failed, passed the limit, or
+    /// was dropped.
+    pub(crate) async fn decided(self) {
+        loop {
+            let mut notified = pin!(self.shared.decided.notified());
+            notified.as_mut().enable();
+            if !self.is_open() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Keeps what a body that the transport drops before its end still yields at once. A
+    /// server may answer before the transport has asked for the body's end, as a gRPC server
+    /// refusing a token does with a unary call's single message; the body then usually has
+    /// nothing more than its end to give. A body that cannot finish at once leaves the
+    /// capture incomplete.
+    fn salvage<B>(&self, mut body: Pin<&mut B>)
+    where
+        B: Body<Data = Bytes>,
+    {
+        if !self.is_open() {
+            return;
+        }
+        // NOTE: no user code runs while the thread unwinds.
+        if !std::thread::panicking() {
+            let mut cx = Context::from_waker(Waker::noop());
+            for _ in 0..SALVAGE_FRAMES {
+                let frame = match body.as_mut().poll_frame(&mut cx) {
+                    Poll::Ready(frame) => frame,
+                    Poll::Pending => break,
+                };
+                let open = self.update(|capture| {
+                    match &frame {
+                        Some(Ok(frame)) => {
+                            capture.record(frame, || frame.data_ref().cloned().unwrap_or_default())
+                        }
+                        Some(Err(_)) => capture.drop_all(),
+                        None => capture.finish(),
+                    }
+                    capture.status == CaptureStatus::Open
+                });
+                if !open {
+                    return;
+                }
+            }
+        }
+        self.update(Capture::drop_all);
     }
 
     /// Wraps `body` so that what it yields is kept, as long as it stays within the limit.
@@ -256,7 +347,7 @@ impl BodyCapture {
         B: Body<Data = Bytes>,
     {
         if body.is_end_stream() {
-            self.lock().finish();
+            self.update(Capture::finish);
         }
         CapturingBody {
             inner: body,
@@ -266,19 +357,20 @@ impl BodyCapture {
 
     /// Takes what was captured, if the whole body was; the capture keeps nothing afterwards.
     pub(crate) fn take(&self) -> Option<CapturedBody> {
-        let mut capture = self.lock();
-        let complete = capture.status == CaptureStatus::Complete;
-        let captured = CapturedBody {
-            chunks: std::mem::take(&mut capture.chunks),
-            trailers: capture.trailers.take(),
-        };
-        capture.drop_all();
-        complete.then_some(captured)
+        self.update(|capture| {
+            let complete = capture.status == CaptureStatus::Complete;
+            let captured = CapturedBody {
+                chunks: std::mem::take(&mut capture.chunks),
+                trailers: capture.trailers.take(),
+            };
+            capture.drop_all();
+            complete.then_some(captured)
+        })
     }
 
     /// Drops what was captured and stops capturing: the call is decided.
     pub(crate) fn release(&self) {
-        self.lock().drop_all();
+        self.update(Capture::drop_all);
     }
 }
 
@@ -328,10 +420,26 @@ impl fmt::Debug for BodyCapture {
 
 pin_project! {
     /// A body that passes its frames through while a [`BodyCapture`] keeps a copy.
-    pub struct CapturingBody<B> {
+    ///
+    /// When it is dropped before its end while the copy may still be needed, it keeps what
+    /// the body yields at once.
+    pub struct CapturingBody<B>
+    where
+        B: Body<Data = Bytes>,
+    {
         #[pin]
         inner: B,
         capture: BodyCapture,
+    }
+
+    impl<B> PinnedDrop for CapturingBody<B>
+    where
+        B: Body<Data = Bytes>,
+    {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            this.capture.salvage(this.inner);
+        }
     }
 }
 
@@ -349,15 +457,14 @@ where
         let this = self.project();
         let frame = ready!(this.inner.poll_frame(cx));
 
-        let mut capture = this.capture.lock();
-        match &frame {
+        this.capture.update(|capture| match &frame {
             Some(Ok(frame)) => {
                 // NOTE: `Bytes` clones share the buffer: the copy costs no bytes of its own.
                 capture.record(frame, || frame.data_ref().cloned().unwrap_or_default());
             }
             Some(Err(_)) => capture.drop_all(),
             None => capture.finish(),
-        }
+        });
         Poll::Ready(frame)
     }
 
@@ -365,7 +472,7 @@ where
         let end = self.inner.is_end_stream();
         if end {
             // NOTE: a client may stop polling once the body says it has ended.
-            self.capture.lock().finish();
+            self.capture.update(Capture::finish);
         }
         end
     }
@@ -375,7 +482,7 @@ where
     }
 }
 
-impl<B> fmt::Debug for CapturingBody<B> {
+impl<B: Body<Data = Bytes>> fmt::Debug for CapturingBody<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CapturingBody")
             .field("capture", &self.capture)
@@ -521,6 +628,15 @@ impl<B> Replay<B> {
                 (request, Some(replay))
             }
             Err(body) => (Request::from_parts(parts, body), None),
+        }
+    }
+
+    /// The capture of a body that the transport may still be sending, or may not have told
+    /// its end yet.
+    pub(crate) fn undecided(&self) -> Option<BodyCapture> {
+        match self {
+            Replay::Capture { capture, .. } if capture.0.is_open() => Some(capture.0.clone()),
+            _ => None,
         }
     }
 

@@ -30,16 +30,23 @@ const DRAIN_LIMIT: usize = 64 * 1024;
 /// How long reading a rejected response's body may take before it is dropped.
 const DRAIN_TIME: Duration = Duration::from_secs(1);
 
+/// How long a rejected request waits for the transport to finish, or drop, a streamed body
+/// that it is still capturing, before the rejection goes back as it is.
+const CAPTURE_TIME: Duration = Duration::from_secs(1);
+
 type TokenFuture = Pin<Box<dyn Future<Output = Result<Arc<Installed>, Error>> + Send>>;
+
+type Deciding<R> = Pin<Box<dyn Future<Output = R> + Send>>;
 
 pin_project! {
     /// The response future of [`Refresh`](crate::Refresh).
+    #[project = Proj]
     pub struct ResponseFuture<S, B>
     where
         S: Service<Request<B>>,
     {
         #[pin]
-        state: State<S::Future>,
+        state: State<S::Future, S::Response>,
         common: Option<Arc<Shared<S>>>,
         // The generation of the token the current attempt was sent with.
         generation: u64,
@@ -56,11 +63,15 @@ pin_project! {
 
 pin_project! {
     #[project = StateProj]
-    enum State<F> {
+    enum State<F, R> {
         // The request waits for a first or unexpired token.
         Waiting { token: TokenFuture },
         // The first attempt is in flight.
         First { #[pin] future: F },
+        // The token was rejected while the request's streamed body was still being captured:
+        // the transport finishes or drops the body before the request can be copied.
+        // It holds the rejection, and gives it back once the capture is decided.
+        Deciding { wait: Deciding<R> },
         // The token was rejected: the rejected body is drained while a new token comes.
         Renewing { token: TokenFuture },
         // The request, with its token, waits for its service to become ready: after a wait
@@ -188,25 +199,24 @@ where
                         return Poll::Ready(Ok(watched(common, *this.generation, response)));
                     }
 
-                    let state = Arc::clone(&common.state);
-                    let generation = *this.generation;
-                    let request = this.retry.take().and_then(Replay::into_request);
-                    let service = this.service.take();
-                    *this.pending =
-                        request.and_then(|r| Some((r, service.or_else(|| common.spare())?)));
-                    if this.pending.is_none() {
-                        // The rejection goes back as it is; the next call gets a new token.
-                        tracing::debug!(generation, "token rejected, request cannot be retried");
-                        Counters::bump(&state.counters.passed_through);
-                        state.refresh_soon(generation, Cause::Rejected);
-                        this.state.set(State::Done);
-                        return Poll::Ready(Ok(response.map(ResponseBody::plain)));
+                    if let Some(capture) = this.retry.as_ref().and_then(Replay::undecided) {
+                        tracing::trace!("token rejected while the request body is being sent");
+                        let wait = Box::pin(async move {
+                            let _ = crate::sync::timeout(CAPTURE_TIME, capture.decided()).await;
+                            response
+                        });
+                        this.state.set(State::Deciding { wait });
+                        continue;
                     }
-
-                    tracing::debug!(generation, "token rejected, retrying with a new one");
-                    let body = response.into_body();
-                    let token = Box::pin(renew_while_draining(state, generation, body));
-                    this.state.set(State::Renewing { token });
+                    if let Some(response) = this.after_rejection(response) {
+                        return Poll::Ready(Ok(response));
+                    }
+                }
+                StateProj::Deciding { wait } => {
+                    let response = ready!(wait.as_mut().poll(cx));
+                    if let Some(response) = this.after_rejection(response) {
+                        return Poll::Ready(Ok(response));
+                    }
                 }
                 StateProj::Renewing { token } => {
                     let installed = match ready!(token.as_mut().poll(cx)) {
@@ -271,6 +281,40 @@ where
                 StateProj::Done => panic!("ResponseFuture polled after completion"),
             }
         }
+    }
+}
+
+impl<S, B, ResBody> Proj<'_, S, B>
+where
+    S: Service<Request<B>, Response = Response<ResBody>> + Clone,
+    ResBody: Body + Send + 'static,
+{
+    /// After a rejection: sets the request and a service to send it on aside, and waits for
+    /// a new token while the rejected body is drained. When the request cannot be sent
+    /// again, returns the rejection as it is; the next call gets a new token.
+    fn after_rejection(
+        &mut self,
+        response: Response<ResBody>,
+    ) -> Option<Response<ResponseBody<ResBody>>> {
+        let common = self.common.as_ref().expect("rejection without common");
+        let state = Arc::clone(&common.state);
+        let generation = *self.generation;
+        let request = self.retry.take().and_then(Replay::into_request);
+        let service = self.service.take();
+        *self.pending = request.and_then(|r| Some((r, service.or_else(|| common.spare())?)));
+        if self.pending.is_none() {
+            tracing::debug!(generation, "token rejected, request cannot be retried");
+            Counters::bump(&state.counters.passed_through);
+            state.refresh_soon(generation, Cause::Rejected);
+            self.state.set(State::Done);
+            return Some(response.map(ResponseBody::plain));
+        }
+
+        tracing::debug!(generation, "token rejected, retrying with a new one");
+        let body = response.into_body();
+        let token = Box::pin(renew_while_draining(state, generation, body));
+        self.state.set(State::Renewing { token });
+        None
     }
 }
 

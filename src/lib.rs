@@ -53,9 +53,11 @@
 //! # Request bodies
 //!
 //! A retry needs the request body a second time. Bodies that are cheap to copy (`Full`,
-//! `Empty`, `String`) and empty boxed bodies are copied before the first attempt; other
-//! bodies are sent once, and their rejection is returned to the caller while the token is
-//! refreshed for the next call. See [`ReplayBody`] and [`RefreshLayer::replay_with`].
+//! `Empty`, `String`) and empty boxed bodies are copied before the first attempt. Other boxed
+//! bodies (and tonic's) stream through while the layer keeps a copy, within
+//! [`RefreshLayer::replay_limit`]; a body that cannot be copied, or was not captured whole,
+//! is sent once, and its rejection is returned to the caller while the token is refreshed
+//! for the next call. See [`ReplayBody`] and [`RefreshLayer::replay_with`].
 //!
 //! # Where to place it
 //!

@@ -227,25 +227,6 @@ async fn f16_a_post_is_replayed_with_identical_method_uri_headers_and_body() {
     assert_eq!(retry.authorizations(), ["Bearer token-2"]);
 }
 
-/// A body that streams its chunks and cannot be copied.
-struct Chunks(Vec<Bytes>);
-
-impl http_body::Body for Chunks {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if self.0.is_empty() {
-            Poll::Ready(None)
-        } else {
-            Poll::Ready(Some(Ok(Frame::data(self.0.remove(0)))))
-        }
-    }
-}
-
 #[tokio::test]
 async fn f16_a_streaming_body_too_large_to_replay_gets_the_rejection_back_not_an_empty_retry() {
     let api = api_accepting("token-2").await;
@@ -255,7 +236,7 @@ async fn f16_a_streaming_body_too_large_to_replay_gets_the_rejection_back_not_an
     let client: Client<_, BoxBody<Bytes, BoxError>> =
         Client::builder(TokioExecutor::new()).build_http();
     let service = ServiceBuilder::new().layer(layer).service(client);
-    let chunks = Chunks(vec![
+    let chunks = common::Chunks(vec![
         Bytes::from_static(b"part one, "),
         Bytes::from_static(b"part two"),
     ]);

@@ -12,7 +12,7 @@ use std::{
 
 use axum::{extract::Request as AxumRequest, Router};
 use bytes::Bytes;
-use common::{unauthorized, Counting, TestServer};
+use common::{unauthorized, Chunks, Counting, TestServer};
 use http::{HeaderMap, HeaderValue, Request, StatusCode};
 use http_body::Frame;
 use http_body_util::{combinators::BoxBody, BodyExt};
@@ -214,4 +214,151 @@ async fn r8_a_body_the_server_rejects_before_reading_it_all_is_not_retried() {
     );
     assert_eq!(handle.stats().passed_through, 1);
     server.abort();
+}
+
+/// What the transport below the layer does with the first attempt's body.
+#[derive(Clone, Copy)]
+enum Transport {
+    /// Reads the first chunk, drops the body and answers.
+    DropsAfterFirstChunk,
+    /// Reads the first chunk, answers, and drops the body a little later.
+    DropsLater,
+    /// Reads the first chunk, answers, and keeps the body.
+    KeepsTheBody,
+}
+
+/// A stand-in for a transport whose server answers 401 before the request body has ended:
+/// the first attempt is rejected after one chunk; a retry is read whole and echoed.
+fn early_answering(
+    transport: Transport,
+) -> impl tower::Service<
+    Request<Streaming>,
+    Response = http::Response<http_body_util::Full<Bytes>>,
+    Error = BoxError,
+    Future = impl Send,
+> + Clone {
+    let attempts = Arc::new(Mutex::new(0));
+    tower::service_fn(move |request: Request<Streaming>| {
+        let attempts = Arc::clone(&attempts);
+        async move {
+            let attempt = {
+                let mut attempts = attempts.lock().unwrap();
+                *attempts += 1;
+                *attempts
+            };
+            let mut body = request.into_body();
+            if attempt > 1 {
+                let bytes = body.collect().await?.to_bytes();
+                return Ok::<_, BoxError>(http::Response::new(bytes.into()));
+            }
+            let _first = body.frame().await;
+            match transport {
+                Transport::DropsAfterFirstChunk => drop(body),
+                Transport::DropsLater => {
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        drop(body);
+                    });
+                }
+                Transport::KeepsTheBody => {
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_secs(3600)).await;
+                        drop(body);
+                    });
+                }
+            }
+            let mut response = http::Response::new(Bytes::from("rejected").into());
+            *response.status_mut() = StatusCode::UNAUTHORIZED;
+            Ok(response)
+        }
+    })
+}
+
+async fn early_answered_call(
+    transport: Transport,
+    body: Streaming,
+) -> (http::Response<String>, tower_token_refresh::Stats, usize) {
+    let tokens = Counting::new();
+    let layer = RefreshLayer::new(tokens.source(None, Duration::ZERO));
+    let handle = layer.handle();
+    let service = ServiceBuilder::new()
+        .layer(layer)
+        .service(early_answering(transport));
+    let request = Request::post("http://api.test/upload").body(body).unwrap();
+
+    let response = service.oneshot(request).await.unwrap();
+    let (parts, body) = response.into_parts();
+    let text = String::from_utf8(body.collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    (
+        http::Response::from_parts(parts, text),
+        handle.stats(),
+        tokens.calls(),
+    )
+}
+
+#[tokio::test]
+async fn r8_a_body_dropped_before_it_told_its_end_is_finished_and_replayed() {
+    let body = Chunks(vec![Bytes::from("the only message")]).boxed();
+
+    let (response, stats, token_calls) =
+        early_answered_call(Transport::DropsAfterFirstChunk, body).await;
+
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.body(), "the only message");
+    assert_eq!(stats.retries, 1);
+    assert_eq!(stats.passed_through, 0);
+    assert_eq!(token_calls, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn r8_a_rejection_waits_for_the_transport_to_let_go_of_the_body() {
+    let body = Chunks(vec![Bytes::from("the only message")]).boxed();
+    let started = tokio::time::Instant::now();
+
+    let (response, stats, token_calls) = early_answered_call(Transport::DropsLater, body).await;
+
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.body(), "the only message");
+    assert_eq!(stats.retries, 1);
+    assert_eq!(token_calls, 2);
+    assert!(started.elapsed() < Duration::from_millis(100));
+}
+
+#[tokio::test(start_paused = true)]
+async fn r8_a_body_still_held_by_the_transport_gets_the_rejection_back_after_a_second() {
+    let (sender, body) = channel_body();
+    sender
+        .send(Frame::data(Bytes::from("first part")))
+        .await
+        .unwrap();
+    let started = tokio::time::Instant::now();
+
+    let (response, stats, token_calls) = early_answered_call(Transport::KeepsTheBody, body).await;
+
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(response.body(), "rejected");
+    assert_eq!(stats.retries, 0);
+    assert_eq!(stats.passed_through, 1);
+    assert_eq!(started.elapsed(), Duration::from_secs(1));
+    assert_eq!(token_calls, 1);
+    drop(sender);
+}
+
+#[tokio::test]
+async fn r8_a_body_dropped_unfinished_is_not_replayed() {
+    let (sender, body) = channel_body();
+    sender
+        .send(Frame::data(Bytes::from("first part")))
+        .await
+        .unwrap();
+
+    let (response, stats, token_calls) =
+        early_answered_call(Transport::DropsAfterFirstChunk, body).await;
+
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(response.body(), "rejected");
+    assert_eq!(stats.retries, 0);
+    assert_eq!(stats.passed_through, 1);
+    assert_eq!(token_calls, 1);
+    drop(sender);
 }

@@ -197,3 +197,23 @@ impl Counting {
         })
     }
 }
+
+/// A body that streams its chunks and cannot be copied. It tells its end only when asked
+/// after its last chunk, as a unary gRPC call's encoded message does.
+pub struct Chunks(pub Vec<Bytes>);
+
+impl http_body::Body for Chunks {
+    type Data = Bytes;
+    type Error = tower_token_refresh::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        if self.0.is_empty() {
+            std::task::Poll::Ready(None)
+        } else {
+            std::task::Poll::Ready(Some(Ok(http_body::Frame::data(self.0.remove(0)))))
+        }
+    }
+}
