@@ -1,4 +1,4 @@
-//! The same six configurations as `overhead`, under contention: a multi-threaded runtime with
+//! The same configurations as `overhead`, under contention: a multi-threaded runtime with
 //! two worker threads, 256 tasks, and the service cloned for every call as hyper-util users
 //! do. Reported as calls per second; what it shows is the cost of shared writes (reference
 //! counts, locks) when two cores hammer the same state.
@@ -83,6 +83,18 @@ fn contention(c: &mut Criterion) {
         &runtime,
         "mutex_layer",
         support::mutex_layer(ready_service()),
+    );
+    bench(
+        &mut group,
+        &runtime,
+        "lockfree_floor",
+        support::lockfree_floor(ready_service(), false),
+    );
+    bench(
+        &mut group,
+        &runtime,
+        "lockfree_floor_copy",
+        support::lockfree_floor(ready_service(), true),
     );
     bench(
         &mut group,

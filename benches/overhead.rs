@@ -50,6 +50,16 @@ fn overhead(c: &mut Criterion) {
     );
     bench(
         &mut group,
+        "lockfree_floor",
+        support::lockfree_floor(ready_service(), false),
+    );
+    bench(
+        &mut group,
+        "lockfree_floor_copy",
+        support::lockfree_floor(ready_service(), true),
+    );
+    bench(
+        &mut group,
         "refresh_layer",
         layer.clone().layer(ready_service()),
     );

@@ -53,6 +53,8 @@ fn main() {
         "static_header" => run(support::static_header(ready_service()), count),
         "arc_floor" => run(support::arc_floor(ready_service()), count),
         "mutex_layer" => run(support::mutex_layer(ready_service()), count),
+        "lockfree_floor" => run(support::lockfree_floor(ready_service(), false), count),
+        "lockfree_floor_copy" => run(support::lockfree_floor(ready_service(), true), count),
         "refresh_layer" => run(layer.layer(ready_service()), count),
         "refresh_layer_no_retry" => run(layer.retry(false).layer(ready_service()), count),
         other => panic!("unknown contender {other}"),
