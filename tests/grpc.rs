@@ -456,6 +456,32 @@ async fn f14_a_trailers_only_unauthenticated_is_refreshed_replayed_and_retried_o
     assert_eq!((stats.rejections, stats.retries), (1, 1));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f14_two_hundred_unary_calls_rejected_at_once_share_one_refresh_and_are_all_replayed() {
+    // NOTE: the interceptor refuses each call before the service reads its message, so an
+    // answer may come before the channel has polled the message's stream to its end. The
+    // stand-in transports of `tests/streaming.rs` pin that ordering down; this runs it at
+    // scale over a real channel.
+    let peers = Peers::start().await;
+    let layer = peers.layer();
+    let handle = layer.handle();
+    handle.refresh().await.unwrap();
+    peers.tokens.revoke_all();
+    let client = peers.client(layer).await;
+    let sent: Vec<String> = (0..200).map(|i| format!("call-{i}")).collect();
+
+    let replies = echo_all(&client, &sent).await;
+
+    for (message, reply) in &replies {
+        assert_eq!(reply.as_ref().ok(), Some(message), "every call is replayed");
+    }
+    assert_eq!(peers.rejected(), 200);
+    assert_eq!(peers.token_requests(), 2);
+    let stats = handle.stats();
+    assert_eq!((stats.rejections, stats.retries), (200, 200));
+    assert_eq!(stats.passed_through, 0);
+}
+
 #[tokio::test]
 async fn f14_unauthenticated_in_trailers_is_returned_as_it_is_and_the_next_call_refreshes() {
     let peers = Peers::start().await;
