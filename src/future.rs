@@ -201,6 +201,9 @@ where
 
                     if let Some(capture) = this.retry.as_ref().and_then(Replay::undecided) {
                         tracing::trace!("token rejected while the request body is being sent");
+                        // NOTE: the refresh starts now, not after the wait: a caller that gives
+                        // up meanwhile must not leave the rejected token in service (R4).
+                        common.state.refresh_soon(*this.generation, Cause::Rejected);
                         let wait = Box::pin(async move {
                             let _ = crate::sync::timeout(CAPTURE_TIME, capture.decided()).await;
                             response

@@ -227,8 +227,9 @@ enum Transport {
     KeepsTheBody,
 }
 
-/// A stand-in for a transport whose server answers 401 before the request body has ended:
-/// the first attempt is rejected after one chunk; a retry is read whole and echoed.
+/// A stand-in for a transport whose server answers 401 before the request body has ended: a
+/// request with any token but `token-2` is rejected after one chunk; one with `token-2` is
+/// read whole and echoed.
 fn early_answering(
     transport: Transport,
 ) -> impl tower::Service<
@@ -237,40 +238,32 @@ fn early_answering(
     Error = BoxError,
     Future = impl Send,
 > + Clone {
-    let attempts = Arc::new(Mutex::new(0));
-    tower::service_fn(move |request: Request<Streaming>| {
-        let attempts = Arc::clone(&attempts);
-        async move {
-            let attempt = {
-                let mut attempts = attempts.lock().unwrap();
-                *attempts += 1;
-                *attempts
-            };
-            let mut body = request.into_body();
-            if attempt > 1 {
-                let bytes = body.collect().await?.to_bytes();
-                return Ok::<_, BoxError>(http::Response::new(bytes.into()));
-            }
-            let _first = body.frame().await;
-            match transport {
-                Transport::DropsAfterFirstChunk => drop(body),
-                Transport::DropsLater => {
-                    tokio::spawn(async move {
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        drop(body);
-                    });
-                }
-                Transport::KeepsTheBody => {
-                    tokio::spawn(async move {
-                        tokio::time::sleep(Duration::from_secs(3600)).await;
-                        drop(body);
-                    });
-                }
-            }
-            let mut response = http::Response::new(Bytes::from("rejected").into());
-            *response.status_mut() = StatusCode::UNAUTHORIZED;
-            Ok(response)
+    tower::service_fn(move |request: Request<Streaming>| async move {
+        let accepted = request.headers()[http::header::AUTHORIZATION] == "Bearer token-2";
+        let mut body = request.into_body();
+        if accepted {
+            let bytes = body.collect().await?.to_bytes();
+            return Ok::<_, BoxError>(http::Response::new(bytes.into()));
         }
+        let _first = body.frame().await;
+        match transport {
+            Transport::DropsAfterFirstChunk => drop(body),
+            Transport::DropsLater => {
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    drop(body);
+                });
+            }
+            Transport::KeepsTheBody => {
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                    drop(body);
+                });
+            }
+        }
+        let mut response = http::Response::new(Bytes::from("rejected").into());
+        *response.status_mut() = StatusCode::UNAUTHORIZED;
+        Ok(response)
     })
 }
 
@@ -340,7 +333,37 @@ async fn r8_a_body_still_held_by_the_transport_gets_the_rejection_back_after_a_s
     assert_eq!(stats.retries, 0);
     assert_eq!(stats.passed_through, 1);
     assert_eq!(started.elapsed(), Duration::from_secs(1));
-    assert_eq!(token_calls, 1);
+    // The refresh for the next call started when the rejection came.
+    assert_eq!(token_calls, 2);
+    drop(sender);
+}
+
+#[tokio::test(start_paused = true)]
+async fn r4_a_caller_that_gives_up_while_the_body_is_decided_still_gets_the_token_renewed() {
+    let tokens = Counting::new();
+    let layer = RefreshLayer::new(tokens.source(None, Duration::ZERO));
+    let handle = layer.handle();
+    let service = ServiceBuilder::new()
+        .layer(layer)
+        .service(early_answering(Transport::KeepsTheBody));
+    let (sender, body) = channel_body();
+    sender
+        .send(Frame::data(Bytes::from("first part")))
+        .await
+        .unwrap();
+    let upload = Request::post("http://api.test/upload").body(body).unwrap();
+
+    let gave_up =
+        tokio::time::timeout(Duration::from_millis(500), service.clone().oneshot(upload)).await;
+    let next = Chunks(vec![Bytes::from("next call")]).boxed();
+    let next = Request::post("http://api.test/upload").body(next).unwrap();
+    let response = service.oneshot(next).await.unwrap();
+
+    assert!(gave_up.is_err(), "the caller gave up during the wait");
+    assert_eq!(response.status(), StatusCode::OK, "sent with token-2");
+    assert_eq!(tokens.calls(), 2);
+    let stats = handle.stats();
+    assert_eq!((stats.rejections, stats.retries), (1, 0));
     drop(sender);
 }
 
