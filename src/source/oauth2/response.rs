@@ -242,6 +242,24 @@ fn decimal_seconds(text: &str) -> Option<Duration> {
 /// Words whose presence in a body means it may hold a credential.
 const TELLTALE_WORDS: [&[u8]; 3] = [b"token", b"secret", b"bearer"];
 
+/// How long an unbroken run of token characters with letters and digits may be before the body
+/// it is in counts as possibly holding a credential: a JWT, an opaque token or a session
+/// identifier that an error page echoes.
+const OPAQUE_RUN: usize = 20;
+
+/// Returns true when `text` has a run of at least [`OPAQUE_RUN`] characters of the sets
+/// credentials are written in (base64, base64url, hex, JWT dots), with letters and digits.
+fn has_opaque_run(text: &[u8]) -> bool {
+    let credential_char = |b: &u8| {
+        b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'+' | b'/' | b'=')
+    };
+    text.split(|b| !credential_char(b)).any(|run| {
+        run.len() >= OPAQUE_RUN
+            && run.iter().any(u8::is_ascii_digit)
+            && run.iter().any(u8::is_ascii_alphabetic)
+    })
+}
+
 /// Decides what of a token endpoint's body may be copied into an error (R10).
 pub(super) struct SecretGuard {
     secrets: Vec<Box<[u8]>>,
@@ -281,15 +299,16 @@ impl SecretGuard {
     }
 
     /// Adds the start of `body` to `err` when it is safe to show: the body holds none of the
-    /// guarded strings and none of the telltale words in any case, and its start has a space
-    /// (a single unbroken word may be a bare token).
+    /// guarded strings, none of the telltale words in any case and no long opaque run of
+    /// letters and digits, and its start has a space (a single unbroken word may be a bare
+    /// token).
     fn add_excerpt(&self, err: Error, body: &[u8]) -> Error {
         let unsafe_to_show = |text: &[u8]| {
             let has_telltale = TELLTALE_WORDS.iter().any(|word| {
                 text.windows(word.len())
                     .any(|window| window.eq_ignore_ascii_case(word))
             });
-            has_telltale || self.reveals(text)
+            has_telltale || has_opaque_run(text) || self.reveals(text)
         };
         if unsafe_to_show(body) {
             return err;
@@ -397,6 +416,27 @@ mod escape_tests {
 
             assert_eq!(err.excerpt(), None, "{}", String::from_utf8_lossy(body));
         }
+    }
+
+    #[test]
+    fn r10_a_page_echoing_an_unknown_credential_gives_no_excerpt() {
+        let guard = SecretGuard::new([String::from("client-secret")]);
+        let pages: [&[u8]; 3] = [
+            b"<p>session eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.c2lnbmF0dXJl expired</p>",
+            b"upstream refused sk_live_51HqZx8Kd02pLmNoPq for this client",
+            b"error id 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08 logged",
+        ];
+
+        for page in pages {
+            let err = Error::endpoint(StatusCode::INTERNAL_SERVER_ERROR, None, None, None);
+
+            let err = guard.add_excerpt(err, page);
+
+            assert_eq!(err.excerpt(), None, "{}", String::from_utf8_lossy(page));
+        }
+        let plain = b"upstream connect error or disconnect/reset before headers. reset reason: 503";
+        let err = Error::endpoint(StatusCode::SERVICE_UNAVAILABLE, None, None, None);
+        assert!(guard.add_excerpt(err, plain).excerpt().is_some());
     }
 
     #[test]
