@@ -24,6 +24,7 @@ use crate::{
 /// use tower_token_refresh::{source::oauth2::ClientCredentials, RefreshLayer};
 ///
 /// # fn main() -> Result<(), tower_token_refresh::Error> {
+/// // An `https` token endpoint needs the `rustls` feature; without it, `build` says so.
 /// let source = ClientCredentials::builder(
 ///     "https://auth.example.com/oauth/token",
 ///     "my-client",

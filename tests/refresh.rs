@@ -184,6 +184,31 @@ async fn f13_the_default_margin_replaces_a_token_with_twelve_seconds_left() {
     assert_eq!(tokens.calls(), 2);
 }
 
+#[tokio::test(start_paused = true)]
+async fn f13_the_default_margin_is_thirty_seconds() {
+    let seen = Recorder::default();
+    let tokens = Counting::new();
+    let layer = RefreshLayer::new(tokens.source(Some(Duration::from_secs(3600)), Duration::ZERO))
+        .refresh_ahead(Duration::ZERO);
+    let handle = layer.handle();
+    let mut service = ServiceBuilder::new()
+        .layer(layer)
+        .service(recording_service(Arc::clone(&seen), &[]));
+    handle.refresh().await.unwrap();
+
+    tokio::time::advance(Duration::from_secs(3600 - 31)).await;
+    send(&mut service).await;
+    tokio::time::advance(Duration::from_secs(2)).await;
+    send(&mut service).await;
+
+    assert_eq!(
+        *seen.lock().unwrap(),
+        ["token-1", "token-2"],
+        "sent with 31 s left, replaced with 29 s left"
+    );
+    assert_eq!(tokens.calls(), 2);
+}
+
 /// Sends one request through `service` itself, not a clone, and expects a 200.
 async fn send<S, B>(service: &mut S)
 where

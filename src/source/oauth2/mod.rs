@@ -81,8 +81,8 @@
 //! already have retired the refresh token presented. If it did, the next refresh fails with
 //! a terminal `invalid_grant` that says so.
 //!
-//! Unknown fields (`id_token`, vendor extensions) are ignored: [`Token`](crate::Token) has
-//! no place for them yet.
+//! Other fields (`id_token`, vendor extensions) travel with the token: see
+//! [`Token::extra_fields`](crate::Token::extra_fields).
 //!
 //! A success status whose object has no `access_token` but an `error` code, as some servers
 //! send, is read as an error response.
