@@ -26,8 +26,7 @@ use std::{
     collections::VecDeque,
     convert::Infallible,
     fmt,
-    pin::pin,
-    pin::Pin,
+    pin::{pin, Pin},
     sync::{Arc, Mutex, PoisonError},
     task::{ready, Context, Poll, Waker},
 };
@@ -311,33 +310,21 @@ impl BodyCapture {
     where
         B: Body<Data = Bytes>,
     {
-        if !self.is_open() {
-            return;
-        }
-        // NOTE: no user code runs while the thread unwinds.
-        if !std::thread::panicking() {
-            let mut cx = Context::from_waker(Waker::noop());
-            for _ in 0..SALVAGE_FRAMES {
-                let frame = match body.as_mut().poll_frame(&mut cx) {
-                    Poll::Ready(frame) => frame,
-                    Poll::Pending => break,
-                };
-                let open = self.update(|capture| {
-                    match &frame {
-                        Some(Ok(frame)) => {
-                            capture.record(frame, || frame.data_ref().cloned().unwrap_or_default())
-                        }
-                        Some(Err(_)) => capture.drop_all(),
-                        None => capture.finish(),
-                    }
-                    capture.status == CaptureStatus::Open
-                });
-                if !open {
-                    return;
-                }
+        let mut cx = Context::from_waker(Waker::noop());
+        for _ in 0..SALVAGE_FRAMES {
+            if !self.is_open() {
+                return;
+            }
+            // NOTE: no user code runs while the thread unwinds.
+            if std::thread::panicking() {
+                break;
+            }
+            match body.as_mut().poll_frame(&mut cx) {
+                Poll::Ready(frame) => self.update(|capture| capture.observe(&frame)),
+                Poll::Pending => break,
             }
         }
-        self.update(Capture::drop_all);
+        self.update(Capture::abandon);
     }
 
     /// Wraps `body` so that what it yields is kept, as long as it stays within the limit.
@@ -375,18 +362,28 @@ impl BodyCapture {
 }
 
 impl Capture {
-    fn record<D: Buf>(&mut self, frame: &Frame<D>, data: impl FnOnce() -> Bytes) {
+    /// Keeps what one poll of the body gave: a frame, its end, or an error.
+    fn observe<E>(&mut self, polled: &Option<Result<Frame<Bytes>, E>>) {
+        match polled {
+            Some(Ok(frame)) => self.record(frame),
+            Some(Err(_)) => self.drop_all(),
+            None => self.finish(),
+        }
+    }
+
+    fn record(&mut self, frame: &Frame<Bytes>) {
         if self.status != CaptureStatus::Open {
             return;
         }
         if let Some(chunk) = frame.data_ref() {
-            self.len = self.len.saturating_add(chunk.remaining());
+            self.len = self.len.saturating_add(chunk.len());
             if self.len > self.limit {
                 tracing::trace!(limit = self.limit, "request body passed the replay limit");
                 self.drop_all();
                 return;
             }
-            self.chunks.push_back(data());
+            // NOTE: `Bytes` clones share the buffer: the copy costs no bytes of its own.
+            self.chunks.push_back(chunk.clone());
         } else if let Some(trailers) = frame.trailers_ref() {
             // NOTE: trailers are the last frame; a client may not ask for more.
             self.trailers = Some(trailers.clone());
@@ -397,6 +394,13 @@ impl Capture {
     fn finish(&mut self) {
         if self.status == CaptureStatus::Open {
             self.status = CaptureStatus::Complete;
+        }
+    }
+
+    /// An open capture whose body can give no more: what it kept is incomplete.
+    fn abandon(&mut self) {
+        if self.status == CaptureStatus::Open {
+            self.drop_all();
         }
     }
 
@@ -457,14 +461,7 @@ where
         let this = self.project();
         let frame = ready!(this.inner.poll_frame(cx));
 
-        this.capture.update(|capture| match &frame {
-            Some(Ok(frame)) => {
-                // NOTE: `Bytes` clones share the buffer: the copy costs no bytes of its own.
-                capture.record(frame, || frame.data_ref().cloned().unwrap_or_default());
-            }
-            Some(Err(_)) => capture.drop_all(),
-            None => capture.finish(),
-        });
+        this.capture.update(|capture| capture.observe(&frame));
         Poll::Ready(frame)
     }
 
@@ -750,6 +747,40 @@ mod tests {
     use super::*;
     use bytes::Bytes;
     use http_body_util::BodyExt;
+
+    /// A body of one-byte chunks, every one ready at once, that tells its end only when
+    /// polled after the last.
+    struct OneByteChunks(usize);
+
+    impl Body for OneByteChunks {
+        type Data = Bytes;
+        type Error = Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+            if self.0 == 0 {
+                return Poll::Ready(None);
+            }
+            self.0 -= 1;
+            Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"x")))))
+        }
+    }
+
+    #[test]
+    fn a_body_dropped_early_is_read_to_its_end_within_the_frame_bound() {
+        // 1,023 chunks and their end: 1,024 polls, the bound.
+        let capture = BodyCapture::new(64 * 1024);
+        drop(capture.wrap(OneByteChunks(SALVAGE_FRAMES - 1)));
+        let captured = capture.take().expect("captured whole");
+        assert_eq!(captured.chunks.len(), SALVAGE_FRAMES - 1);
+
+        // One chunk more, and the end is past the bound: nothing is kept.
+        let capture = BodyCapture::new(64 * 1024);
+        drop(capture.wrap(OneByteChunks(SALVAGE_FRAMES)));
+        assert!(capture.take().is_none());
+    }
 
     #[tokio::test]
     async fn full_bodies_replay_byte_identically() {
