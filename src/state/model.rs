@@ -1,9 +1,9 @@
 //! The model check of the token state: loom runs two or three callers of a real [`Refresh`]
 //! service, the refresh tasks they start, and a cancelled caller through every interleaving
-//! of their steps (up to [`PREEMPTIONS`] forced switches per run, [`PREEMPTIONS_THREE_CALLERS`] with three
-//! callers), and each run must keep R3
-//! (one refresh at a time, one outcome for all its waiters, no refresh for a caller that comes
-//! after one finished) and R5 (a rejection of a replaced token causes no second refresh).
+//! of their steps (up to [`PREEMPTIONS`] forced switches per run,
+//! [`PREEMPTIONS_THREE_CALLERS`] with three callers). Each run must keep R3 (one refresh at a
+//! time, one outcome for all its waiters, no refresh for a caller that comes after one
+//! finished) and R5 (a rejection of a replaced token causes no second refresh).
 //!
 //! Run with `RUSTFLAGS="--cfg token_refresh_loom" cargo test --release --lib state::model`
 //! (`.ci/run` does). Under this cfg the primitives of [`crate::sync`] are loom's; the clock
@@ -43,6 +43,9 @@ fn check(preemptions: usize, model: impl Fn() + Sync + Send + 'static) {
     builder.check(model);
 }
 
+/// What the model's token endpoint says when a fetch fails.
+const ENDPOINT_ERROR: &str = "token endpoint unavailable";
+
 /// The token endpoint of the model: hands out `t1`, `t2`, ... and checks that no two fetches
 /// ever overlap (R3).
 struct Endpoint {
@@ -78,7 +81,7 @@ impl Endpoint {
                 let n = endpoint.fetches.fetch_add(1, StdOrdering::SeqCst) + 1;
                 endpoint.running.fetch_sub(1, Ordering::SeqCst);
                 if endpoint.failing.contains(&n) {
-                    return Err(Error::transient("token endpoint unavailable"));
+                    return Err(Error::transient(ENDPOINT_ERROR));
                 }
                 let token = Token::new(format!("t{n}"));
                 Ok(if endpoint.stale.contains(&n) {
@@ -144,10 +147,6 @@ where
             .get("x-seen")
             .map(|v| v.to_str().unwrap().to_owned()),
     })
-}
-
-fn error_of_the_endpoint() -> String {
-    Error::transient("token endpoint unavailable").to_string()
 }
 
 /// Polls a future once, then drops it: a caller that gives up mid-way.
@@ -271,7 +270,10 @@ fn waiters_of_a_failed_refresh_share_its_error() {
             let error = result.unwrap_err();
             let error = error.downcast_ref::<Error>().expect("a token error");
             assert!(error.is_transient() && !error.is_timeout(), "{error:?}");
-            assert_eq!(error.to_string(), error_of_the_endpoint());
+            assert_eq!(
+                error.to_string(),
+                Error::transient(ENDPOINT_ERROR).to_string()
+            );
         }
         assert_eq!(endpoint.fetches(), 1);
         assert_eq!(generation(&layer.handle()), None);
