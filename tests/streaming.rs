@@ -47,6 +47,15 @@ fn channel_body() -> (mpsc::Sender<Frame<Bytes>>, Streaming) {
     (sender, ChannelBody(receiver).boxed())
 }
 
+/// A channel body whose first part is ready; the rest waits for the sender.
+fn channel_body_with(first: &'static str) -> (mpsc::Sender<Frame<Bytes>>, Streaming) {
+    let (sender, body) = channel_body();
+    sender
+        .try_send(Frame::data(Bytes::from(first)))
+        .expect("room for the first part");
+    (sender, body)
+}
+
 /// An API that accepts only `token-2`.
 async fn api() -> TestServer {
     TestServer::start(|request| async move {
@@ -319,11 +328,7 @@ async fn r8_a_rejection_waits_for_the_transport_to_let_go_of_the_body() {
 
 #[tokio::test(start_paused = true)]
 async fn r8_a_body_still_held_by_the_transport_gets_the_rejection_back_after_a_second() {
-    let (sender, body) = channel_body();
-    sender
-        .send(Frame::data(Bytes::from("first part")))
-        .await
-        .unwrap();
+    let (sender, body) = channel_body_with("first part");
     let started = tokio::time::Instant::now();
 
     let (response, stats, token_calls) = early_answered_call(Transport::KeepsTheBody, body).await;
@@ -346,11 +351,7 @@ async fn r4_a_caller_that_gives_up_while_the_body_is_decided_still_gets_the_toke
     let service = ServiceBuilder::new()
         .layer(layer)
         .service(early_answering(Transport::KeepsTheBody));
-    let (sender, body) = channel_body();
-    sender
-        .send(Frame::data(Bytes::from("first part")))
-        .await
-        .unwrap();
+    let (sender, body) = channel_body_with("first part");
     let upload = Request::post("http://api.test/upload").body(body).unwrap();
 
     let gave_up =
@@ -369,11 +370,7 @@ async fn r4_a_caller_that_gives_up_while_the_body_is_decided_still_gets_the_toke
 
 #[tokio::test]
 async fn r8_a_body_dropped_unfinished_is_not_replayed() {
-    let (sender, body) = channel_body();
-    sender
-        .send(Frame::data(Bytes::from("first part")))
-        .await
-        .unwrap();
+    let (sender, body) = channel_body_with("first part");
 
     let (response, stats, token_calls) =
         early_answered_call(Transport::DropsAfterFirstChunk, body).await;
