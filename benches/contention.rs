@@ -9,49 +9,56 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
+use criterion::{
+    criterion_group, criterion_main, measurement::WallTime, BenchmarkGroup, Criterion, Throughput,
+};
 use http::{Request, Response};
-use support::{ready_service, request, Body};
-use tower::{Layer, Service, ServiceExt};
+use support::{request, Body, Contenders};
+use tower::{Service, ServiceExt};
 
 const TASKS: u64 = 256;
 
-fn bench<S, B>(
-    group: &mut BenchmarkGroup<'_, criterion::measurement::WallTime>,
-    runtime: &tokio::runtime::Runtime,
-    name: &str,
-    service: S,
-) where
-    S: Service<Request<Body>, Response = Response<B>> + Clone + Send + 'static,
-    S::Future: Send,
-    S::Error: std::fmt::Debug,
-    B: Send + 'static,
-{
-    group.bench_function(name, |b| {
-        b.iter_custom(|iterations| {
-            let per_task = iterations.div_ceil(TASKS);
-            runtime.block_on(async {
-                let started = Instant::now();
-                let tasks: Vec<_> = (0..TASKS)
-                    .map(|_| {
-                        let service = service.clone();
-                        tokio::spawn(async move {
-                            for _ in 0..per_task {
-                                service.clone().oneshot(request()).await.unwrap();
-                            }
+/// Benches each contender in one group, on one runtime.
+struct Contention<'a, 'c> {
+    group: &'a mut BenchmarkGroup<'c, WallTime>,
+    runtime: &'a tokio::runtime::Runtime,
+}
+
+impl Contenders for Contention<'_, '_> {
+    fn contender<S, B>(&mut self, name: &str, service: S)
+    where
+        S: Service<Request<Body>, Response = Response<B>> + Clone + Send + 'static,
+        S::Future: Send,
+        S::Error: std::fmt::Debug,
+        B: Send + 'static,
+    {
+        let runtime = self.runtime;
+        self.group.bench_function(name, |b| {
+            b.iter_custom(|iterations| {
+                let per_task = iterations.div_ceil(TASKS);
+                runtime.block_on(async {
+                    let started = Instant::now();
+                    let tasks: Vec<_> = (0..TASKS)
+                        .map(|_| {
+                            let service = service.clone();
+                            tokio::spawn(async move {
+                                for _ in 0..per_task {
+                                    service.clone().oneshot(request()).await.unwrap();
+                                }
+                            })
                         })
-                    })
-                    .collect();
-                for task in tasks {
-                    task.await.unwrap();
-                }
-                // Scaled to the iterations asked for, since the last task may do a few more.
-                started
-                    .elapsed()
-                    .mul_f64(iterations as f64 / (per_task * TASKS) as f64)
+                        .collect();
+                    for task in tasks {
+                        task.await.unwrap();
+                    }
+                    // Scaled to the iterations asked for, since the last task may do a few more.
+                    started
+                        .elapsed()
+                        .mul_f64(iterations as f64 / (per_task * TASKS) as f64)
+                })
             })
-        })
-    });
+        });
+    }
 }
 
 fn contention(c: &mut Criterion) {
@@ -65,48 +72,12 @@ fn contention(c: &mut Criterion) {
     let mut group = c.benchmark_group("contention");
     group.throughput(Throughput::Elements(1));
     group.measurement_time(Duration::from_secs(3));
-    bench(&mut group, &runtime, "bare", ready_service());
-    bench(
-        &mut group,
-        &runtime,
-        "static_header",
-        support::static_header(ready_service()),
-    );
-    bench(
-        &mut group,
-        &runtime,
-        "arc_floor",
-        support::arc_floor(ready_service()),
-    );
-    bench(
-        &mut group,
-        &runtime,
-        "mutex_layer",
-        support::mutex_layer(ready_service()),
-    );
-    bench(
-        &mut group,
-        &runtime,
-        "lockfree_floor",
-        support::lockfree_floor(ready_service(), false),
-    );
-    bench(
-        &mut group,
-        &runtime,
-        "lockfree_floor_copy",
-        support::lockfree_floor(ready_service(), true),
-    );
-    bench(
-        &mut group,
-        &runtime,
-        "refresh_layer",
-        layer.clone().layer(ready_service()),
-    );
-    bench(
-        &mut group,
-        &runtime,
-        "refresh_layer_no_retry",
-        layer.retry(false).layer(ready_service()),
+    support::each_contender(
+        &layer,
+        &mut Contention {
+            group: &mut group,
+            runtime: &runtime,
+        },
     );
     group.finish();
 }

@@ -9,22 +9,26 @@
 #[path = "support/mod.rs"]
 mod support;
 
-use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
+use criterion::{
+    criterion_group, criterion_main, measurement::WallTime, BatchSize, BenchmarkGroup, Criterion,
+};
 use http::{Request, Response};
-use support::{drive, ready_service, request, Body};
-use tower::{Layer, Service};
+use support::{drive, request, Body, Contenders};
+use tower::Service;
 
-fn bench<S, B>(
-    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
-    name: &str,
-    mut service: S,
-) where
-    S: Service<Request<Body>, Response = Response<B>>,
-    S::Error: std::fmt::Debug,
-{
-    group.bench_function(name, |b| {
-        b.iter_batched(request, |r| drive(&mut service, r), BatchSize::SmallInput)
-    });
+/// Benches each contender in one group.
+struct Overhead<'a, 'c>(&'a mut BenchmarkGroup<'c, WallTime>);
+
+impl Contenders for Overhead<'_, '_> {
+    fn contender<S, B>(&mut self, name: &str, mut service: S)
+    where
+        S: Service<Request<Body>, Response = Response<B>>,
+        S::Error: std::fmt::Debug,
+    {
+        self.0.bench_function(name, |b| {
+            b.iter_batched(request, |r| drive(&mut service, r), BatchSize::SmallInput)
+        });
+    }
 }
 
 fn overhead(c: &mut Criterion) {
@@ -36,38 +40,7 @@ fn overhead(c: &mut Criterion) {
     let layer = runtime.block_on(support::refresh_layer());
 
     let mut group = c.benchmark_group("overhead");
-    bench(&mut group, "bare", ready_service());
-    bench(
-        &mut group,
-        "static_header",
-        support::static_header(ready_service()),
-    );
-    bench(&mut group, "arc_floor", support::arc_floor(ready_service()));
-    bench(
-        &mut group,
-        "mutex_layer",
-        support::mutex_layer(ready_service()),
-    );
-    bench(
-        &mut group,
-        "lockfree_floor",
-        support::lockfree_floor(ready_service(), false),
-    );
-    bench(
-        &mut group,
-        "lockfree_floor_copy",
-        support::lockfree_floor(ready_service(), true),
-    );
-    bench(
-        &mut group,
-        "refresh_layer",
-        layer.clone().layer(ready_service()),
-    );
-    bench(
-        &mut group,
-        "refresh_layer_no_retry",
-        layer.retry(false).layer(ready_service()),
-    );
+    support::each_contender(&layer, &mut Overhead(&mut group));
     group.finish();
 }
 

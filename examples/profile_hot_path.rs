@@ -10,8 +10,8 @@
 //! ```
 //!
 //! Instructions per call are `(total(20000) - total(10000)) / 10000`: what a run costs besides
-//! the calls (runtime, layer setup, the first token) cancels out. Contenders: `bare`,
-//! `static_header`, `arc_floor`, `mutex_layer`, `refresh_layer`, `refresh_layer_no_retry`.
+//! the calls (runtime, layer setup, the first token) cancels out. The contenders are the
+//! benchmark's, by the same names: see `each_contender` in `benches/support`.
 #![allow(missing_docs)]
 
 #[path = "../benches/support/mod.rs"]
@@ -20,8 +20,28 @@ mod support;
 use std::hint::black_box;
 
 use http::{Request, Response};
-use support::{drive, ready_service, request, Body};
-use tower::{Layer, Service};
+use support::{drive, request, Body, Contenders};
+use tower::Service;
+
+/// Drives the contender named `wanted`, `count` times.
+struct Run {
+    wanted: String,
+    count: u64,
+    found: bool,
+}
+
+impl Contenders for Run {
+    fn contender<S, B>(&mut self, name: &str, service: S)
+    where
+        S: Service<Request<Body>, Response = Response<B>>,
+        S::Error: std::fmt::Debug,
+    {
+        if name == self.wanted {
+            self.found = true;
+            run(service, self.count);
+        }
+    }
+}
 
 #[inline(never)]
 fn run<S, B>(mut service: S, count: u64)
@@ -36,7 +56,7 @@ where
 
 fn main() {
     let mut args = std::env::args().skip(1);
-    let contender = args.next().unwrap_or_else(|| "refresh_layer".to_owned());
+    let wanted = args.next().unwrap_or_else(|| "refresh_layer".to_owned());
     let count: u64 = args
         .next()
         .map_or(10_000, |count| count.parse().expect("count is a number"));
@@ -48,15 +68,11 @@ fn main() {
     let _entered = runtime.enter();
     let layer = runtime.block_on(support::refresh_layer());
 
-    match contender.as_str() {
-        "bare" => run(ready_service(), count),
-        "static_header" => run(support::static_header(ready_service()), count),
-        "arc_floor" => run(support::arc_floor(ready_service()), count),
-        "mutex_layer" => run(support::mutex_layer(ready_service()), count),
-        "lockfree_floor" => run(support::lockfree_floor(ready_service(), false), count),
-        "lockfree_floor_copy" => run(support::lockfree_floor(ready_service(), true), count),
-        "refresh_layer" => run(layer.layer(ready_service()), count),
-        "refresh_layer_no_retry" => run(layer.retry(false).layer(ready_service()), count),
-        other => panic!("unknown contender {other}"),
-    }
+    let mut run = Run {
+        wanted,
+        count,
+        found: false,
+    };
+    support::each_contender(&layer, &mut run);
+    assert!(run.found, "unknown contender {}", run.wanted);
 }

@@ -209,6 +209,32 @@ impl tower::filter::AsyncPredicate<Request<Body>> for MutexCheck {
     }
 }
 
+/// Receives the contenders of the single-request benchmarks, one by one, by name.
+pub trait Contenders {
+    fn contender<S, B>(&mut self, name: &str, service: S)
+    where
+        S: Service<Request<Body>, Response = Response<B>> + Clone + Send + 'static,
+        S::Future: Send,
+        S::Error: std::fmt::Debug,
+        B: Send + 'static;
+}
+
+/// Hands every contender of `overhead` and `contention` to `to`, each around
+/// [`ready_service`]; `layer` is the layer under test, with a fresh token.
+pub fn each_contender(layer: &RefreshLayer, to: &mut impl Contenders) {
+    to.contender("bare", ready_service());
+    to.contender("static_header", static_header(ready_service()));
+    to.contender("arc_floor", arc_floor(ready_service()));
+    to.contender("mutex_layer", mutex_layer(ready_service()));
+    to.contender("lockfree_floor", lockfree_floor(ready_service(), false));
+    to.contender("lockfree_floor_copy", lockfree_floor(ready_service(), true));
+    to.contender("refresh_layer", layer.clone().layer(ready_service()));
+    to.contender(
+        "refresh_layer_no_retry",
+        layer.clone().retry(false).layer(ready_service()),
+    );
+}
+
 /// The layer under test, with a fresh token installed.
 pub async fn refresh_layer() -> RefreshLayer {
     let layer = RefreshLayer::new(source::from_fn(|_previous| async {
